@@ -1,0 +1,83 @@
+"""Non-generation actions: the seed's HTTP endpoints, as serverless job inputs.
+
+``{"action": "health"}``, ``{"action": "debug_env"}`` and ``{"action": "enhance", ...}``.
+``debug_env`` reports only *whether* each expected variable is set, never a value.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .settings import SECRET_ENV_VARS, env_presence
+
+if TYPE_CHECKING:
+    from .schema import JobInput
+    from .worker import Worker
+
+EXPECTED_ENV_VARS = (
+    "MODEL_PROFILE",
+    "MODELS_DIR",
+    "QWEN_MODEL",
+    "BUCKET_ENDPOINT_URL",
+    "BUCKET_NAME",
+    "CALLBACK_URL",
+    "CALLBACK_ALLOWED_HOSTS",
+    "GPU_MEMORY_BUDGET_GB",
+    "JOB_TIMEOUT_S",
+    *SECRET_ENV_VARS,
+)
+
+
+def run(worker: Worker, inp: JobInput) -> dict[str, Any]:
+    return {"health": health, "debug_env": debug_env, "enhance": enhance}[inp.action](worker, inp)
+
+
+def health(worker: Worker, inp: JobInput) -> dict[str, Any]:
+    memory = worker.manager.memory_report()
+    return {
+        "status": "healthy",
+        "worker": "wan",
+        "qwen_loaded": worker.manager.qwen_loaded,
+        "wan_loaded": worker.manager.wan_loaded,
+        "worker_ready": True,
+        "timestamp": time.time(),
+        "uptime_seconds": round(time.time() - worker.started_at, 1),
+        "jobs_done": worker.jobs_done,
+        "model_profile": worker.settings.model_profile,
+        "enhancement_cache_hits": worker.enhancer.cache_hits,
+        "gpu_memory_used_gib": memory.get("gpu_allocated_gib"),
+        "gpu_memory_free_gib": memory.get("gpu_free_gib"),
+        "memory": memory,
+    }
+
+
+def debug_env(worker: Worker, inp: JobInput) -> dict[str, Any]:
+    return {
+        "worker": "wan",
+        "env_set": env_presence(EXPECTED_ENV_VARS),
+        "bucket_configured": worker.settings.bucket_configured,
+        "callback_configured": bool(worker.settings.callback_url and worker.settings.callback_secret),
+    }
+
+
+def enhance(worker: Worker, inp: JobInput) -> dict[str, Any]:
+    job_type = inp.job_type
+    quality = inp.quality or "fast"
+    result = worker.enhancer.enhance(inp.prompt or "", job_type, quality)
+    response = {
+        "success": result.enhancement_applied,
+        "enhanced_prompt": result.enhanced_prompt,
+        "original_prompt": result.original_prompt,
+        "enhancement_source": result.enhancement_source,
+        "processing_time": round(result.enhancement_time, 3),
+        "model": inp.model,
+        "model_path": result.model,
+        "enhancement_applied": result.enhancement_applied,
+        "model_was_loaded": result.model_was_loaded,
+        "cache_hit": result.cache_hit,
+        "worker": "wan",
+    }
+    if result.reason:
+        response["reason"] = result.reason
+    return response

@@ -1,0 +1,183 @@
+"""Run one job's diffusion on the resident models: prompt encoding, denoising, VAE decode.
+
+The pipeline per job:
+
+* ``t2v``  - ``WanPipeline``: text to video, or to one frame for image job types.
+* ``vace`` - ``WanVACEPipeline``: ``reference_images=[img]`` for a subject reference, or a
+  ``video`` + ``mask`` that keep the given first/last frame(s) (white = generate).
+* ``i2i``  - ``WanVideoToVideoPipeline`` on a one-frame video with ``strength``.
+
+Steps report progress and check the job deadline; past it, the pipeline's own interrupt
+flag stops the loop at the next step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import presets as P
+from .accel import step_cache
+from .errors import JobTimeout
+from .jobs import Job
+from .models import ModelManager, estimate_working_bytes
+from .progress import Progress
+from .settings import Settings
+
+GRAY, BLACK, WHITE = (128, 128, 128), (0, 0, 0), (255, 255, 255)
+MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass
+class Conditioning:
+    """What the chosen pipeline receives beyond the prompt (recorded for the output and tests)."""
+
+    pipeline: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    conditioning_scale: float | None = None
+    denoise_strength: float | None = None
+
+
+@dataclass
+class Generated:
+    frames: np.ndarray  # (F, H, W, 3) float in [0, 1]
+    steps_run: int
+    step_cache_threshold: float | None
+    timings: dict[str, float]
+
+
+def vace_inputs(mode: str, images: dict[str, Image.Image], num_frames: int, size: tuple[int, int]) -> dict[str, Any]:
+    """The VACE ``video``/``mask``/``reference_images`` for a reference mode (FACTS.md §2)."""
+    if mode == "single":
+        return {"reference_images": [images["single"]]}
+    gray, black, white = (Image.new("RGB", size, c) for c in (GRAY, BLACK, WHITE))
+    video = [gray] * num_frames
+    mask = [white] * num_frames
+    if mode in ("start", "both"):
+        video[0], mask[0] = images["start"], black
+    if mode in ("end", "both"):
+        video[-1], mask[-1] = images["end"], black
+    return {"video": video, "mask": mask}
+
+
+def i2i_schedule(steps: int, strength: float) -> tuple[int, float, int]:
+    """(scheduler steps, strength to pass, steps that actually run) for image-to-image.
+
+    diffusers runs the last ``int(steps * strength)`` steps of the schedule. When that is 0
+    (exact-copy strengths like 0.05 with 6-10 steps, or strength 0), the schedule is
+    stretched so exactly one step runs at the lowest noise level, instead of crashing on an
+    empty schedule.
+    """
+    run = int(steps * strength)
+    if run >= 1:
+        return steps, strength, run
+    stretched = min(1000, math.ceil(1.0 / max(strength, 1e-3)))
+    return stretched, 1.0 / stretched + 1e-9, 1
+
+
+def build_conditioning(job: Job, mode: str, images: dict[str, Image.Image]) -> Conditioning:
+    if mode == "none":
+        return Conditioning("t2v")
+    if job.kind == "image":
+        image = next(iter(images.values()))
+        return Conditioning("i2i", {"video": [image], "strength": job.denoise_strength}, None, job.denoise_strength)
+    scale = P.conditioning_scale_for(job.denoise_strength)
+    kwargs = vace_inputs(mode, images, job.num_frames, (job.width, job.height))
+    kwargs["conditioning_scale"] = scale
+    return Conditioning("vace", kwargs, scale, job.denoise_strength)
+
+
+def cache_threshold(job: Job, settings: Settings) -> float | None:
+    """``auto`` caches for presets that allow it; ``high`` never caches, whatever is asked."""
+    if job.quality == "high" or job.step_cache == "off":
+        return None
+    if job.step_cache == "on" or P.QUALITY_PRESETS[job.quality].step_cache:
+        return settings.step_cache_threshold or None
+    return None
+
+
+class Generator:
+    def __init__(self, manager: ModelManager, settings: Settings) -> None:
+        self.manager = manager
+        self.settings = settings
+
+    def encode_prompt(self, job: Job, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.manager.acquire(["text_encoder"], working_bytes=2 * 1024**3)
+        encoder = self.manager.encoder_pipe()
+        with torch.inference_mode():
+            positive, negative = encoder.encode_prompt(
+                prompt=prompt,
+                negative_prompt=job.negative_prompt,
+                do_classifier_free_guidance=job.guidance_scale > 1.0,
+                num_videos_per_prompt=1,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                device=self.manager.device,
+                dtype=torch.bfloat16,
+            )
+        return positive, negative
+
+    def generate(
+        self, job: Job, prompt: str, cond: Conditioning, progress: Progress, deadline: float
+    ) -> Generated:
+        from diffusers import UniPCMultistepScheduler
+
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        prompt_embeds, negative_embeds = self.encode_prompt(job, prompt)
+        timings["text_encoding"] = time.perf_counter() - started
+
+        pipe = self.manager.pipeline(cond.pipeline)
+        transformer_name = "vace_transformer" if cond.pipeline == "vace" else "transformer"
+        self.manager.acquire(
+            [transformer_name, "vae"], working_bytes=estimate_working_bytes(job.width, job.height, job.num_frames)
+        )
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=job.flow_shift)
+
+        kwargs = dict(cond.kwargs)
+        steps = job.steps
+        if cond.pipeline == "i2i":
+            steps, kwargs["strength"], _ = i2i_schedule(job.steps, kwargs["strength"])
+        else:
+            kwargs["num_frames"] = job.num_frames
+
+        state = {"last_step_at": None, "timed_out": False}
+
+        def on_step(p, i: int, t, callback_kwargs: dict) -> dict:
+            state["last_step_at"] = time.perf_counter()
+            progress.step(i + 1, p.num_timesteps)
+            if time.monotonic() > deadline:
+                state["timed_out"] = True
+                p._interrupt = True  # the pipeline skips the remaining steps
+            return {}
+
+        threshold = cache_threshold(job, self.settings)
+        transformer = getattr(pipe, "transformer")
+        denoise_started = time.perf_counter()
+        generator = torch.Generator(device=self.manager.device).manual_seed(job.seed)
+        with torch.inference_mode(), step_cache(transformer, threshold):
+            result = pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                height=job.height,
+                width=job.width,
+                num_inference_steps=steps,
+                guidance_scale=job.guidance_scale,
+                generator=generator,
+                output_type="np",
+                callback_on_step_end=on_step,
+                **kwargs,
+            )
+        finished = time.perf_counter()
+        if state["timed_out"]:
+            raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g}s during generation")
+        last_step = state["last_step_at"] or finished
+        timings["denoising"] = last_step - denoise_started
+        timings["vae_decode"] = finished - last_step
+        frames = np.asarray(result.frames[0], dtype=np.float32)
+        return Generated(frames, pipe.num_timesteps, threshold, timings)

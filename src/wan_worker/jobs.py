@@ -1,0 +1,257 @@
+"""Normalise a validated ``JobInput`` into the one internal ``Job`` the worker runs.
+
+Precedence, everywhere: explicit front-end field, then ``config`` override, then the
+job type's preset. Every value that was changed (rounded to a valid grid) or ignored is
+recorded, so the output can say so instead of silently dropping it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import presets as P
+from .errors import InvalidInput
+from .schema import JobInput, ReferenceMode
+
+Pipeline = Literal["t2v", "vace", "i2i"]
+
+#: Where each reference can come from, in precedence order (issue "Reference frames").
+REFERENCE_SOURCES: dict[str, tuple[tuple[str, str], ...]] = {
+    "single": (("reference_image_url", ""), ("image", "config"), ("reference_image_url", "metadata")),
+    "start": (("first_frame", ""), ("first_frame", "config"), ("start_reference_url", "metadata")),
+    "end": (("last_frame", ""), ("last_frame", "config"), ("end_reference_url", "metadata")),
+}
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    role: Literal["single", "start", "end"]
+    value: str
+    field: str  # e.g. "first_frame" or "metadata.start_reference_url"
+
+
+@dataclass
+class Job:
+    job_id: str
+    user_id: str | None
+    job_type: str
+    kind: P.OutputKind
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    quality: P.Quality
+    steps: int
+    guidance_scale: float
+    flow_shift: float
+    seed: int
+    seed_source: Literal["request", "random"]
+    enhance_prompt: bool
+    step_cache: P.StepCache
+    reference_mode_requested: ReferenceMode
+    references: dict[str, ReferenceSource]
+    denoise_strength: float | None
+    denoise_source: str | None
+    exact_copy_mode: bool
+    strict_references: bool
+    callback_url: str | None
+    adjustments: list[str] = field(default_factory=list)
+    ignored_overrides: list[str] = field(default_factory=list)
+    ignored_fields: list[str] = field(default_factory=list)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The pipeline the references ask for (before any fetch fallback)."""
+        if self.reference_mode_requested == "none":
+            return "t2v"
+        return "i2i" if self.kind == "image" else "vace"
+
+    def with_quality(self, quality: P.Quality) -> Job:
+        """A copy at another quality preset (the out-of-memory degrade path)."""
+        preset = P.QUALITY_PRESETS[quality]
+        clone = Job(**{**self.__dict__, "adjustments": list(self.adjustments)})
+        clone.quality, clone.steps, clone.guidance_scale = quality, preset.steps, preset.guidance_scale
+        return clone
+
+
+def _first(*candidates: tuple[object, str]) -> tuple[object, str] | tuple[None, None]:
+    for value, name in candidates:
+        if value is not None:
+            return value, name
+    return None, None
+
+
+def build_job(inp: JobInput, job_id: str) -> Job:
+    preset = P.JOB_TYPES[inp.job_type]
+    cfg = inp.config
+    adjustments: list[str] = []
+    ignored = sorted(f"config.{k}" for k in (cfg.model_extra or {}))
+
+    quality: P.Quality = inp.quality or preset.quality
+    qp = P.QUALITY_PRESETS[quality]
+
+    width, height = _size(inp, adjustments)
+
+    if preset.kind == "image":
+        frames = 1
+        for value, name in ((inp.frame_num, "frame_num"), (cfg.frame_num, "config.frame_num")):
+            if value is not None and value != 1:
+                ignored.append(f"{name} (image job types make one frame)")
+    else:
+        requested, name = _first((inp.frame_num, "frame_num"), (cfg.frame_num, "config.frame_num"))
+        requested = preset.frames if requested is None else requested
+        frames = P.nearest_valid_frames(int(requested))
+        if frames != requested:
+            adjustments.append(f"{name}: {requested} -> {frames} (Wan needs 4k+1 frames)")
+
+    fps_value, _ = _first((inp.fps, "fps"), (cfg.fps, "config.fps"))
+    seed_value, _ = _first((inp.seed, "seed"), (cfg.seed, "config.seed"))
+    if seed_value is None or seed_value == -1:
+        seed, seed_source = secrets.randbelow(P.SEED_MAX + 1), "random"
+    else:
+        seed, seed_source = int(seed_value), "request"
+
+    negative, _ = _first((inp.negative_prompt, ""), (cfg.negative_prompt, ""))
+    references = _references(inp)
+    mode = _reference_mode(inp, references, adjustments)
+    denoise, denoise_source = _denoise(inp)
+
+    job = Job(
+        job_id=job_id,
+        user_id=inp.user_id,
+        job_type=inp.job_type,
+        kind=preset.kind,
+        prompt=inp.prompt.strip() if inp.prompt else "",
+        negative_prompt=str(negative or ""),
+        width=width,
+        height=height,
+        num_frames=frames,
+        fps=int(fps_value or P.DEFAULT_FPS),
+        quality=quality,
+        steps=cfg.num_inference_steps or qp.steps,
+        guidance_scale=cfg.guidance_scale if cfg.guidance_scale is not None else qp.guidance_scale,
+        flow_shift=cfg.sample_shift if cfg.sample_shift is not None else P.DEFAULT_FLOW_SHIFT,
+        seed=seed,
+        seed_source=seed_source,
+        enhance_prompt=preset.enhance_prompt if inp.enhance_prompt is None else inp.enhance_prompt,
+        step_cache=inp.step_cache,
+        reference_mode_requested=mode,
+        references={role: references[role] for role in _roles(mode, preset.kind, references)},
+        denoise_strength=denoise,
+        denoise_source=denoise_source,
+        exact_copy_mode=inp.metadata.exact_copy_mode,
+        strict_references=inp.strict_references,
+        callback_url=inp.callback_url,
+        adjustments=adjustments,
+        ignored_overrides=ignored,
+        ignored_fields=inp.ignored_fields,
+    )
+    _apply_strength_policy(job)
+    return job
+
+
+def _size(inp: JobInput, adjustments: list[str]) -> tuple[int, int]:
+    cfg = inp.config
+    cfg_w = cfg_h = None
+    if cfg.size:
+        cfg_w, cfg_h = (int(v) for v in cfg.size.split("*"))
+    result = []
+    for axis, top, override, from_size, default in (
+        ("width", inp.width, cfg.width, cfg_w, P.DEFAULT_WIDTH),
+        ("height", inp.height, cfg.height, cfg_h, P.DEFAULT_HEIGHT),
+    ):
+        value, name = _first((top, axis), (override, f"config.{axis}"), (from_size, "config.size"))
+        if value is None:
+            result.append(default)
+            continue
+        snapped = max(P.SIZE_MIN, min(P.SIZE_MAX, round(int(value) / P.SIZE_MULTIPLE) * P.SIZE_MULTIPLE))
+        if snapped != value:
+            adjustments.append(f"{name} {axis}: {value} -> {snapped} (multiple of {P.SIZE_MULTIPLE})")
+        result.append(snapped)
+    return result[0], result[1]
+
+
+def _references(inp: JobInput) -> dict[str, ReferenceSource]:
+    found: dict[str, ReferenceSource] = {}
+    for role, sources in REFERENCE_SOURCES.items():
+        for name, where in sources:
+            holder = {"": inp, "config": inp.config, "metadata": inp.metadata}[where]
+            value = getattr(holder, name, None)
+            if value:
+                found[role] = ReferenceSource(role, value, f"{where}.{name}" if where else name)  # type: ignore[arg-type]
+                break
+    return found
+
+
+def _reference_mode(inp: JobInput, refs: dict[str, ReferenceSource], adjustments: list[str]) -> ReferenceMode:
+    if inp.reference_mode is not None:
+        mode = inp.reference_mode
+        if mode == "none" and refs:
+            adjustments.append("reference_mode 'none': the given reference images are not used")
+        needed = {"single": ("single",), "start": ("start",), "end": ("end",), "both": ("start", "end")}.get(mode, ())
+        for role in needed:
+            if role not in refs:
+                names = " or ".join(f"{w}.{n}" if w else n for n, w in REFERENCE_SOURCES[role])
+                raise InvalidInput(
+                    f"reference_mode '{mode}' needs an image in {names}",
+                    field=REFERENCE_SOURCES[role][0][0],
+                )
+        return mode
+    if "start" in refs and "end" in refs:
+        return "both"
+    for role in ("start", "end", "single"):
+        if role in refs:
+            return role  # type: ignore[return-value]
+    return "none"
+
+
+def _roles(mode: ReferenceMode, kind: P.OutputKind, refs: dict[str, ReferenceSource]) -> tuple[str, ...]:
+    if mode == "none":
+        return ()
+    if kind == "image":
+        # Image-to-image takes one picture: the subject reference, else the start frame, else the end.
+        role = "single" if mode == "single" else ("start" if mode in ("start", "both") else "end")
+        return (role,)
+    return {"single": ("single",), "start": ("start",), "end": ("end",), "both": ("start", "end")}[mode]
+
+
+def _denoise(inp: JobInput) -> tuple[float | None, str | None]:
+    value, name = _first(
+        (inp.denoise_strength, "denoise_strength"),
+        (inp.config.denoise_strength, "config.denoise_strength"),
+        (inp.metadata.denoise_strength, "metadata.denoise_strength"),
+    )
+    if value is not None:
+        return float(value), name
+    value, name = _first(
+        (inp.reference_strength, "reference_strength"),
+        (inp.config.reference_strength, "config.reference_strength"),
+        (inp.metadata.reference_strength, "metadata.reference_strength"),
+    )
+    if value is not None:
+        return round(1.0 - float(value), 6), f"{name} (denoise = 1 - reference_strength)"
+    return None, None
+
+
+def _apply_strength_policy(job: Job) -> None:
+    """Defaults for strength, and the first implementation's exact-copy clamp for I2I."""
+    if job.pipeline == "t2v":
+        return
+    if job.denoise_strength is None:
+        job.denoise_strength = P.DEFAULT_I2I_DENOISE if job.pipeline == "i2i" else P.DEFAULT_VACE_DENOISE
+        job.denoise_source = "default"
+    if job.pipeline == "i2i" and job.exact_copy_mode:
+        clamped = min(job.denoise_strength, 0.05)
+        if clamped != job.denoise_strength:
+            job.adjustments.append(f"exact_copy_mode: denoise_strength {job.denoise_strength} -> {clamped}")
+        job.denoise_strength = clamped
+        job.guidance_scale = 1.0
+        job.negative_prompt = ""
+        job.steps = P.exact_copy_steps(clamped)
+        job.adjustments.append(
+            f"exact_copy_mode: guidance_scale 1.0, no negative prompt, {job.steps} steps"
+        )

@@ -1,0 +1,91 @@
+"""Job types and quality presets, from the seed's tables (WAN_WORKER.md).
+
+A job type fixes what is made (one frame or a video), its default quality and whether the
+prompt is enhanced. A quality preset fixes steps and guidance. Explicit job fields and
+``config`` overrides win over both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Quality = Literal["fast", "balanced", "high"]
+OutputKind = Literal["image", "video"]
+StepCache = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    steps: int
+    guidance_scale: float
+    #: Whether the ``auto`` step-cache policy applies first-block caching for this quality.
+    step_cache: bool
+
+
+QUALITY_PRESETS: dict[str, QualityPreset] = {
+    "fast": QualityPreset(steps=25, guidance_scale=6.5, step_cache=True),
+    "balanced": QualityPreset(steps=35, guidance_scale=7.0, step_cache=False),
+    "high": QualityPreset(steps=50, guidance_scale=7.5, step_cache=False),
+}
+
+#: The order the out-of-memory degrade path walks (seed: "Quality Degradation").
+QUALITY_DEGRADE: dict[str, str] = {"high": "balanced", "balanced": "fast"}
+
+
+@dataclass(frozen=True)
+class JobTypePreset:
+    kind: OutputKind
+    frames: int
+    quality: Quality
+    enhance_prompt: bool
+
+
+JOB_TYPES: dict[str, JobTypePreset] = {
+    "image_fast": JobTypePreset("image", 1, "fast", False),
+    "image_high": JobTypePreset("image", 1, "high", False),
+    "video_fast": JobTypePreset("video", 81, "fast", False),
+    "video_high": JobTypePreset("video", 81, "high", False),
+    "image7b_fast_enhanced": JobTypePreset("image", 1, "fast", True),
+    "image7b_high_enhanced": JobTypePreset("image", 1, "high", True),
+    "video7b_fast_enhanced": JobTypePreset("video", 81, "fast", True),
+    "video7b_high_enhanced": JobTypePreset("video", 81, "high", True),
+}
+
+# Documented ranges. Width/height must be multiples of 16 for the Wan VAE and patching.
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 480, 832
+SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 256, 1280, 16
+DEFAULT_FPS, FPS_MIN, FPS_MAX = 16, 12, 24
+FRAMES_MIN, FRAMES_MAX = 1, 121
+STEPS_MIN, STEPS_MAX = 1, 100
+GUIDANCE_MIN, GUIDANCE_MAX = 1.0, 20.0
+SHIFT_MIN, SHIFT_MAX = 0.5, 20.0
+DEFAULT_FLOW_SHIFT = 5.0
+SEED_MAX = 2**32 - 1
+PROMPT_MAX_CHARS = 2000
+
+#: Default image-to-image strength when a reference is given without ``denoise_strength``.
+DEFAULT_I2I_DENOISE = 0.7
+#: Default VACE strength: denoise 0.5 maps to diffusers' default conditioning_scale 1.0.
+DEFAULT_VACE_DENOISE = 0.5
+
+
+def nearest_valid_frames(frames: int) -> int:
+    """Nearest 4k+1 (Wan's VAE compresses time 4x); ties round down, so 83 -> 81."""
+    lower = (frames - 1) // 4 * 4 + 1
+    upper = lower + 4
+    return lower if frames - lower <= upper - frames else upper
+
+
+def conditioning_scale_for(denoise_strength: float) -> float:
+    """VACE conditioning from denoise strength: ``2 * (1 - d)``.
+
+    d = 1 regenerates freely (no conditioning), d = 0.5 is diffusers' default 1.0, and
+    d = 0 holds the references twice as hard.
+    """
+    return round(2.0 * (1.0 - denoise_strength), 4)
+
+
+def exact_copy_steps(denoise_strength: float) -> int:
+    """Steps of the first implementation's exact-copy mode: ``min(max(6, int(d*100)), 10)``."""
+    return min(max(6, int(denoise_strength * 100)), 10)

@@ -1,0 +1,78 @@
+"""Throttled progress through RunPod's progress API.
+
+Each stage owns a slice of 0-100 %. Stage changes are always sent; denoising steps are
+sent at most once per ``min_interval`` seconds (and always on the last step), so a fast
+worker does not flood the job queue with IN_PROGRESS posts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STAGES: dict[str, tuple[int, int]] = {
+    "validating": (0, 2),
+    "fetching_references": (2, 4),
+    "loading": (4, 10),
+    "enhancing": (10, 15),
+    "encoding_prompt": (15, 17),
+    "generating": (17, 88),
+    "encoding": (88, 94),
+    "uploading": (94, 100),
+}
+
+Sender = Callable[[dict[str, Any]], None]
+
+
+def runpod_sender(job: dict[str, Any]) -> Sender:
+    import runpod
+
+    def send(payload: dict[str, Any]) -> None:
+        try:
+            runpod.serverless.progress_update(job, payload)
+        except Exception as exc:  # noqa: BLE001 - progress must never fail a job
+            log.warning("progress update failed", extra={"reason": type(exc).__name__})
+
+    return send
+
+
+class Progress:
+    def __init__(self, send: Sender, *, min_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._send = send
+        self._min_interval = min_interval
+        self._clock = clock
+        self._last_sent = -1e9
+        self._stage_started = clock()
+        self.stage = "validating"
+        self.sent: list[dict[str, Any]] = []
+
+    def enter(self, stage: str, **extra: Any) -> None:
+        self.stage = stage
+        self._stage_started = self._clock()
+        self._emit({"stage": stage, "percentage": STAGES[stage][0], **extra})
+
+    def step(self, current: int, total: int) -> None:
+        now = self._clock()
+        if current < total and now - self._last_sent < self._min_interval:
+            return
+        lo, hi = STAGES["generating"]
+        elapsed = now - self._stage_started
+        eta = elapsed / current * (total - current) if current else None
+        self._emit(
+            {
+                "stage": "generating",
+                "percentage": round(lo + (hi - lo) * current / max(total, 1), 1),
+                "step": current,
+                "total_steps": total,
+                "eta_seconds": round(eta, 1) if eta is not None else None,
+            }
+        )
+
+    def _emit(self, payload: dict[str, Any]) -> None:
+        self._last_sent = self._clock()
+        self.sent.append(payload)
+        self._send(payload)

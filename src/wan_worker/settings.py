@@ -1,0 +1,124 @@
+"""Every environment variable the worker reads, in one place, with defaults.
+
+Nothing else in the package touches ``os.environ``; modules receive a ``Settings`` object.
+Secrets are ``SecretStr`` so that ``repr()`` and logs never show them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Names of the variables whose *values* are secret. ``debug_env`` reports only whether they
+#: are set, and the log redaction filter masks their values wherever they appear.
+SECRET_ENV_VARS = (
+    "BUCKET_ACCESS_KEY_ID",
+    "BUCKET_SECRET_ACCESS_KEY",
+    "CALLBACK_SECRET",
+    "HF_TOKEN",
+    "RUNPOD_AI_API_KEY",
+    "RUNPOD_WEBHOOK_GET_JOB",
+    "RUNPOD_WEBHOOK_POST_OUTPUT",
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # --- models -------------------------------------------------------------------------
+    model_profile: Literal["full", "tiny"] = "full"
+    models_dir: Path = Path("/runpod-volume/models")
+    hf_home: Path | None = None
+    t2v_model_id: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    vace_model_id: str = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
+    qwen_model: str = "Qwen/Qwen2.5-7B"
+    tiny_models_dir: Path = Path.home() / ".cache" / "wan-worker" / "tiny-models"
+    vae_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    gpu_memory_budget_gb: float | None = Field(default=None, gt=0)
+    warmup_on_start: bool = False
+
+    # --- speed ----------------------------------------------------------------------------
+    compile_transformer: bool = False
+    attention_backend: str | None = None
+    step_cache_threshold: float = Field(default=0.08, ge=0, le=1)
+
+    # --- storage --------------------------------------------------------------------------
+    bucket_endpoint_url: str | None = None
+    bucket_access_key_id: SecretStr | None = None
+    bucket_secret_access_key: SecretStr | None = None
+    bucket_name: str = "workspace-temp"
+    bucket_region: str = "us-east-1"
+    presign_expiry_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    upload_attempts: int = Field(default=4, ge=1, le=10)
+    upload_timeout_s: float = Field(default=30.0, gt=0)
+    inline_max_bytes: int = Field(default=5 * 1024 * 1024, ge=0)
+
+    # --- references -----------------------------------------------------------------------
+    reference_max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    reference_max_pixels: int = Field(default=40_000_000, gt=0)
+    reference_timeout_s: float = Field(default=10.0, gt=0)
+    reference_max_redirects: int = Field(default=3, ge=0)
+    allow_private_reference_urls: bool = False
+
+    # --- prompt enhancement ---------------------------------------------------------------
+    enhance_timeout_s: float = Field(default=20.0, gt=0)
+    enhance_max_new_tokens: int = Field(default=320, ge=16, le=1024)
+    enhance_cache_size: int = Field(default=256, ge=0)
+    enhance_compile: bool = False
+
+    # --- jobs, callback, metrics ----------------------------------------------------------
+    job_timeout_s: float = Field(default=900.0, gt=0)
+    worker_concurrency: int = Field(default=1, ge=1, le=16)
+    work_dir: Path | None = None
+    callback_url: str | None = None
+    callback_secret: SecretStr | None = None
+    callback_allowed_hosts: str = ""
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    callback_attempts: int = Field(default=4, ge=1, le=10)
+    slow_generation_s: float = Field(default=300.0, gt=0)
+    small_file_bytes: int = Field(default=100_000, ge=0)
+    log_level: str = "INFO"
+
+    # --- only ever redacted or reported as set/unset ---------------------------------------
+    hf_token: SecretStr | None = None
+    runpod_ai_api_key: SecretStr | None = None
+
+    @field_validator("bucket_endpoint_url", "callback_url", "attention_backend", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def bucket_configured(self) -> bool:
+        return bool(self.bucket_endpoint_url and self.bucket_access_key_id and self.bucket_secret_access_key)
+
+    @property
+    def allowed_callback_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.callback_allowed_hosts.split(",") if h.strip())
+
+    def secret_values(self) -> list[str]:
+        """Values that must never appear in logs or outputs (used by the redaction filter)."""
+        # The access key *id* is not here: it is an identifier that every presigned URL
+        # carries by design (SigV4 X-Amz-Credential); the secret key never leaves the worker.
+        secrets = (
+            self.bucket_secret_access_key,
+            self.callback_secret,
+            self.hf_token,
+            self.runpod_ai_api_key,
+        )
+        return [v for s in secrets if s is not None and len(v := s.get_secret_value()) >= 4]
+
+
+def env_presence(names: tuple[str, ...]) -> dict[str, bool]:
+    """Whether each variable is set and non-empty. Never returns a value or a fragment of one."""
+    return {name: bool(os.environ.get(name)) for name in names}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

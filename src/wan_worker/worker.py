@@ -1,0 +1,325 @@
+"""One RunPod job end to end, and the mapping of every failure to a clear error.
+
+validate -> fetch references -> load -> enhance -> encode prompt -> denoise -> decode
+-> encode media -> upload -> result (+ optional signed callback, + one metrics log line)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import actions, callback, logs, presets as P
+from .enhance import Enhancer
+from .errors import GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
+from .generate import Generator, build_conditioning
+from .jobs import Job, build_job
+from .media import encode
+from .models import ModelManager
+from .progress import Progress, Sender, runpod_sender
+from .references import RESIZE_POLICY, ReferenceFetchError, load_reference, prepare
+from .schema import Asset, AssetMetadata, JobResult, parse_job_input
+from .settings import Settings, get_settings
+from .storage import Storage
+
+log = logging.getLogger("wan_worker")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Worker:
+    """Process-wide state: resident models, the enhancement cache, the storage client."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.manager = ModelManager(settings)
+        self.generator = Generator(self.manager, settings)
+        self.enhancer = Enhancer(self.manager, settings)
+        self.storage = Storage(settings)
+        self.started_at = time.time()
+        self.jobs_done = 0
+
+    # -- entry point --------------------------------------------------------------------------
+
+    def handle(self, job: dict[str, Any], send: Sender | None = None) -> dict[str, Any]:
+        runpod_id = str(job.get("id") or "local")
+        token = logs.job_id_var.set(runpod_id)
+        try:
+            return self._handle(job, runpod_id, send)
+        finally:
+            logs.job_id_var.reset(token)
+            self.jobs_done += 1
+
+    def _handle(self, job: dict[str, Any], runpod_id: str, send: Sender | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        progress = Progress(send or runpod_sender(job))
+        metrics: dict[str, Any] = {}
+        job_obj: Job | None = None
+        try:
+            progress.enter("validating")
+            inp = parse_job_input(job.get("input"))
+            if inp.action != "generate":
+                return actions.run(self, inp)
+            job_obj = build_job(inp, job_id=safe_job_id(inp.id or runpod_id))
+            output = self._generate(job_obj, progress, started, metrics)
+        except WorkerError as exc:
+            output = exc.to_output()
+        except Exception as exc:  # noqa: BLE001 - never let a job kill the worker
+            log.exception("unexpected failure")
+            output = WorkerError(f"internal error ({type(exc).__name__}); the job was not completed").to_output()
+        if job_obj is not None:
+            output["job_id"] = job_obj.job_id
+            self._finish(job_obj, output, metrics, time.perf_counter() - started)
+        else:
+            log.info("job rejected", extra={"event": "job_metrics", "status": "failed", "error_code": output.get("error_code")})
+        return output
+
+    # -- the generation path ------------------------------------------------------------------
+
+    def _generate(self, job: Job, progress: Progress, started: float, metrics: dict) -> dict[str, Any]:
+        s = self.settings
+        deadline = time.monotonic() + s.job_timeout_s
+        timings: dict[str, float] = {"validating": time.perf_counter() - started}
+        warnings: list[str] = [*job.adjustments]
+        if job.ignored_overrides:
+            warnings.append("ignored overrides: " + ", ".join(job.ignored_overrides))
+        if job.ignored_fields:
+            warnings.append("ignored fields: " + ", ".join(job.ignored_fields))
+
+        mode, images = self._references(job, progress, timings, warnings, deadline)
+        cond = build_conditioning(job, mode, images)
+
+        if not self.manager.wan_loaded:
+            progress.enter("loading")
+            t = time.perf_counter()
+            self.manager.encoder_pipe()
+            timings["loading"] = time.perf_counter() - t
+
+        prompt = job.prompt
+        enhancement = None
+        if job.enhance_prompt:
+            progress.enter("enhancing")
+            enhancement = self.enhancer.enhance(job.prompt, job.job_type, job.quality)
+            timings["enhancing"] = enhancement.enhancement_time
+            prompt = enhancement.enhanced_prompt
+            if not enhancement.enhancement_applied:
+                warnings.append(f"prompt enhancement not applied ({enhancement.reason}); the original prompt was used")
+        _check_deadline(deadline, s, "before generation")
+
+        progress.enter("generating", step=0, total_steps=job.steps, reference_mode=mode)
+        run_job, degraded = job, None
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            generated = self.generator.generate(run_job, prompt, cond, progress, deadline)
+        except torch.OutOfMemoryError:
+            self.manager.free_memory()
+            lower = P.QUALITY_DEGRADE.get(job.quality, job.quality)
+            run_job = job.with_quality(lower)  # type: ignore[arg-type]
+            degraded = {"from": job.quality, "to": lower, "reason": "CUDA out of memory"}
+            warnings.append(f"out of GPU memory at quality '{job.quality}'; retried once at '{lower}'")
+            log.warning("out of memory, degrading quality", extra=degraded)
+            try:
+                generated = self.generator.generate(run_job, prompt, cond, progress, deadline)
+            except torch.OutOfMemoryError:
+                self.manager.free_memory()
+                raise GenerationFailed(
+                    f"out of GPU memory, also after retrying at quality '{lower}'",
+                    code="out_of_memory",
+                    retryable=True,
+                    refresh_worker=True,
+                ) from None
+        timings.update(generated.timings)
+        peak_vram = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
+
+        with tempfile.TemporaryDirectory(prefix=f"wan-{job.job_id}-", dir=s.work_dir) as tmp:
+            progress.enter("encoding")
+            t = time.perf_counter()
+            media = encode(generated.frames, Path(tmp), as_video=job.kind == "video", fps=job.fps)
+            timings["encoding"] = time.perf_counter() - t
+            _check_deadline(deadline, s, "before upload")
+
+            progress.enter("uploading")
+            t = time.perf_counter()
+            stored, thumb = self.storage.store(
+                [
+                    (media.path, Storage.key(job.user_id, job.job_id, media.path.name), media.content_type),
+                    (media.thumbnail_path, Storage.key(job.user_id, job.job_id, media.thumbnail_path.name), "image/webp"),
+                ]
+            )
+            timings["uploading"] = time.perf_counter() - t
+            file_size = media.path.stat().st_size
+
+        timings["total"] = time.perf_counter() - started
+        asset = Asset(
+            type=job.kind,
+            url=stored.url,
+            thumbnail_url=thumb.url,
+            path=stored.path,
+            thumbnail_path=thumb.path,
+            metadata=AssetMetadata(
+                width=media.width,
+                height=media.height,
+                frames=media.frames,
+                fps=media.fps,
+                duration_seconds=media.duration_seconds,
+                file_size_bytes=file_size,
+                format=media.format,  # type: ignore[arg-type]
+                seed=job.seed,
+                pipeline=cond.pipeline,  # type: ignore[arg-type]
+                reference_mode_requested=job.reference_mode_requested,
+                reference_mode_applied=mode,  # type: ignore[arg-type]
+                denoise_strength=cond.denoise_strength,
+                conditioning_scale=cond.conditioning_scale,
+                resize_policy=RESIZE_POLICY if images else None,
+            ),
+        )
+        metadata: dict[str, Any] = {
+            "job_type": job.job_type,
+            "quality": run_job.quality,
+            "steps": generated.steps_run,
+            "scheduler_steps": run_job.steps,
+            "guidance_scale": run_job.guidance_scale,
+            "flow_shift": job.flow_shift,
+            "seed": job.seed,
+            "seed_source": job.seed_source,
+            "negative_prompt": job.negative_prompt,
+            "prompt": prompt,
+            "step_cache": {"mode": job.step_cache, "threshold": generated.step_cache_threshold},
+            "denoise_source": job.denoise_source,
+            "quality_degraded": degraded,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "total_seconds": round(timings["total"], 3),
+            "peak_vram_gib": round(peak_vram, 2) if peak_vram is not None else None,
+            "worker": "wan",
+        }
+        if job.enhance_prompt and enhancement is not None:
+            metadata.update(
+                original_prompt=enhancement.original_prompt,
+                enhanced_prompt=enhancement.enhanced_prompt if enhancement.enhancement_applied else None,
+                enhancement_applied=enhancement.enhancement_applied,
+                enhancement_source=enhancement.enhancement_source,
+                enhancement_time=round(enhancement.enhancement_time, 3),
+                enhancement_cache_hit=enhancement.cache_hit,
+                enhancement_reason=enhancement.reason,
+            )
+        else:
+            metadata["enhancement_applied"] = False
+        metrics.update(
+            quality=run_job.quality,
+            reference_mode=mode,
+            timings=metadata["timings"],
+            peak_vram_gib=metadata["peak_vram_gib"],
+            enhancement_applied=metadata["enhancement_applied"],
+            asset=asset.metadata.model_dump(),
+        )
+        result = JobResult(job_id=job.job_id, assets=[asset], metadata=metadata, warnings=warnings)
+        return result.model_dump()
+
+    def _references(
+        self, job: Job, progress: Progress, timings: dict, warnings: list[str], deadline: float
+    ) -> tuple[str, dict]:
+        """Fetch and prepare the job's references; fall back to text-to-video, visibly."""
+        if not job.references:
+            return "none", {}
+        progress.enter("fetching_references")
+        t = time.perf_counter()
+        images = {}
+        try:
+            for role, source in job.references.items():
+                try:
+                    image = load_reference(source.value, self.settings, deadline)
+                except ReferenceFetchError as exc:
+                    raise ReferenceFetchError(f"{source.field}: {exc}") from None
+                images[role] = prepare(image, job.width, job.height)
+        except ReferenceFetchError as exc:
+            if job.strict_references:
+                raise ReferenceUnavailable(f"reference image unusable: {exc}", field=str(exc).split(":", 1)[0]) from None
+            warnings.append(f"reference image unusable ({exc}); fell back to text-to-video (reference_mode_applied: none)")
+            log.warning("reference fallback", extra={"reason": str(exc)})
+            return "none", {}
+        finally:
+            timings["fetching_references"] = time.perf_counter() - t
+        return job.reference_mode_requested, images
+
+    # -- after the job ------------------------------------------------------------------------
+
+    def _finish(self, job: Job, output: dict[str, Any], metrics: dict, seconds: float) -> None:
+        s = self.settings
+        url, warning = callback.resolve_url(s, job.callback_url)
+        if warning:
+            output.setdefault("warnings", []).append(warning)
+        if url and s.callback_secret:
+            delivered = callback.deliver(url, s.callback_secret.get_secret_value(), callback.callback_body(job.job_id, output), s)
+            output["callback_delivered"] = delivered
+        elif "callback_delivered" in output:
+            output.pop("callback_delivered")
+        self._log_metrics(job, output, metrics, seconds)
+
+    def _log_metrics(self, job: Job, output: dict[str, Any], metrics: dict, seconds: float) -> None:
+        asset = metrics.get("asset") or {}
+        flags = []
+        if seconds > self.settings.slow_generation_s:
+            flags.append("slow_generation")
+        if asset and asset.get("file_size_bytes", 0) < self.settings.small_file_bytes and job.kind == "video":
+            flags.append("small_file")
+        log.info(
+            "job finished",
+            extra={
+                "event": "job_metrics",
+                "worker": "wan",
+                "job_type": job.job_type,
+                "status": "failed" if "error" in output else "completed",
+                "error_code": output.get("error_code"),
+                "generation_time": round(seconds, 3),
+                "timings": metrics.get("timings"),
+                "video_duration": asset.get("duration_seconds"),
+                "file_size": asset.get("file_size_bytes"),
+                "resolution": f"{job.width}x{job.height}",
+                "fps": job.fps if job.kind == "video" else None,
+                "quality": metrics.get("quality", job.quality),
+                "reference_mode": metrics.get("reference_mode", job.reference_mode_requested),
+                "enhancement_applied": metrics.get("enhancement_applied", False),
+                "peak_vram_gib": metrics.get("peak_vram_gib"),
+                "prompt_sha256": hashlib.sha256(job.prompt.encode()).hexdigest()[:16],
+                "prompt_chars": len(job.prompt),
+                "flags": flags,
+            },
+        )
+
+
+def safe_job_id(value: str) -> str:
+    """Job ids become storage keys: anything but a plain id is replaced by its hash."""
+    return value if _SAFE_ID.match(value) else "job-" + hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+def _check_deadline(deadline: float, settings: Settings, where: str) -> None:
+    if time.monotonic() > deadline:
+        raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={settings.job_timeout_s:g}s {where}")
+
+
+_worker: Worker | None = None
+
+
+def get_worker() -> Worker:
+    global _worker
+    if _worker is None:
+        settings = get_settings()
+        logs.configure(settings.log_level, settings.secret_values())
+        _worker = Worker(settings)
+    return _worker
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunPod serverless handler."""
+    return get_worker().handle(job)
+
+
+def concurrency_modifier(current: int) -> int:
+    return get_settings().worker_concurrency
