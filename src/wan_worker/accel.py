@@ -43,3 +43,12 @@ def step_cache(transformer: torch.nn.Module, threshold: float | None) -> Iterato
         yield
     finally:
         transformer.disable_cache()
+
+
+def prepare_qwen(model: torch.nn.Module, settings: Settings) -> None:
+    """Configure the prompt enhancer's decoding for speed once, at load time."""
+
+
+def qwen_generate_kwargs(settings: Settings) -> dict:
+    """Extra ``generate`` kwargs for the prompt enhancer (cache implementation, compile)."""
+    return {}

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .accel import qwen_generate_kwargs
 from .models import GiB, ModelManager
 from .settings import Settings
 
@@ -202,6 +203,7 @@ class Enhancer:
                 stop_strings=[DELIMITER],
                 tokenizer=tokenizer,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                **qwen_generate_kwargs(self.settings),
             )
         elapsed = time.perf_counter() - started
         new = output[0, inputs["input_ids"].shape[1] :]

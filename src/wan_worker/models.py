@@ -234,6 +234,9 @@ class ModelManager:
                         f"could not load {self.settings.qwen_model} from {path}: {type(exc).__name__}: {exc}"
                     ) from exc
                 model.eval()
+                from .accel import prepare_qwen
+
+                prepare_qwen(model, self.settings)
                 self._register("qwen", model)
                 self._qwen = (model, tokenizer)
                 self.load_seconds["qwen"] = time.perf_counter() - started
