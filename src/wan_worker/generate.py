@@ -93,9 +93,13 @@ def build_conditioning(job: Job, mode: str, images: dict[str, Image.Image]) -> C
     return Conditioning("vace", kwargs, scale, job.denoise_strength)
 
 
-def cache_threshold(job: Job, settings: Settings) -> float | None:
-    """``auto`` caches for presets that allow it; ``high`` never caches, whatever is asked."""
-    if job.quality == "high" or job.step_cache == "off":
+def cache_threshold(job: Job, pipeline: str, settings: Settings) -> float | None:
+    """``auto`` caches for presets that allow it; ``high`` never caches, whatever is asked.
+
+    diffusers' video-to-video pipeline runs its denoiser outside a ``cache_context``, which
+    the first-block cache needs, so image-to-image (a few steps anyway) is never cached.
+    """
+    if job.quality == "high" or job.step_cache == "off" or pipeline == "i2i":
         return None
     if job.step_cache == "on" or P.QUALITY_PRESETS[job.quality].step_cache:
         return settings.step_cache_threshold or None
@@ -156,7 +160,7 @@ class Generator:
                 p._interrupt = True  # the pipeline skips the remaining steps
             return {}
 
-        threshold = cache_threshold(job, self.settings)
+        threshold = cache_threshold(job, cond.pipeline, self.settings)
         transformer = getattr(pipe, "transformer")
         denoise_started = time.perf_counter()
         generator = torch.Generator(device=self.manager.device).manual_seed(job.seed)
