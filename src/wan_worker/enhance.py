@@ -149,7 +149,7 @@ class Enhancer:
         except Exception as exc:  # noqa: BLE001 - enhancement never fails the job
             if isinstance(exc, torch.OutOfMemoryError):
                 self.manager.free_memory()
-            log.warning("prompt enhancement failed", extra={"reason": type(exc).__name__})
+            log.warning("prompt enhancement failed", extra={"reason": f"{type(exc).__name__}: {exc}"})
             return self._fallback(prompt, started, f"error: {type(exc).__name__}", was_loaded)
 
         if hit_time_bound:

@@ -32,6 +32,8 @@ from .settings import Settings
 
 GRAY, BLACK, WHITE = (128, 128, 128), (0, 0, 0), (255, 255, 255)
 MAX_SEQUENCE_LENGTH = 512
+#: UMT5-XXL activations for 512 tokens are ~100 MB; this leaves room for the allocator.
+ENCODER_WORKING_BYTES = 512 * 1024**2
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Generator:
         self.settings = settings
 
     def encode_prompt(self, job: Job, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.manager.acquire(["text_encoder"], working_bytes=2 * 1024**3)
+        self.manager.acquire(["text_encoder"], working_bytes=ENCODER_WORKING_BYTES)
         encoder = self.manager.encoder_pipe()
         with torch.inference_mode():
             positive, negative = encoder.encode_prompt(

@@ -35,7 +35,7 @@ DOWNLOAD_HINT = "python builder/download_models.py --models-dir {models_dir}"
 @dataclass
 class Move:
     module: str
-    to: str
+    to: str  # "device" (onto the GPU) or "cpu" (offloaded to host memory)
     nbytes: int
     seconds: float
 
@@ -73,10 +73,12 @@ class ModelLocator:
 
     def resolve(self, repo_id: str) -> Path:
         s = self.settings
+        if Path(repo_id).is_dir():  # an explicit local checkpoint wins in every profile
+            return Path(repo_id)
         if s.model_profile == "tiny":
             root = tiny.ensure_tiny_models(s.tiny_models_dir)
             return root / Path(repo_id).name
-        candidates = [Path(repo_id), s.models_dir / repo_id, s.models_dir / Path(repo_id).name]
+        candidates = [s.models_dir / repo_id, s.models_dir / Path(repo_id).name]
         for path in candidates:
             if path.is_dir() and any(path.iterdir()):
                 return path
@@ -281,7 +283,7 @@ class ModelManager:
         resident.on_device = to_device
         if not to_device and self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.moves.append(Move(name, target.type if to_device else "cpu", resident.nbytes, time.perf_counter() - started))
+        self.moves.append(Move(name, "device" if to_device else "cpu", resident.nbytes, time.perf_counter() - started))
 
     def free_memory(self) -> None:
         """After an out-of-memory error: drop cached blocks so a retry starts clean."""
