@@ -27,7 +27,7 @@ from conftest import (
 
 def callback_worker(tiny_models, s3, url, **extra):
     return tiny_worker(
-        tiny_models, **s3_settings(s3), callback_url=url, callback_secret=CALLBACK_SECRET, callback_attempts=4, **extra
+        tiny_models, **s3_settings(s3), callback_url=url, callback_secret=CALLBACK_SECRET, **{"callback_attempts": 4, **extra}
     )
 
 

@@ -78,7 +78,7 @@ class ModelLocator:
         if s.model_profile == "tiny":
             root = tiny.ensure_tiny_models(s.tiny_models_dir)
             return root / Path(repo_id).name
-        candidates = [s.models_dir / repo_id, s.models_dir / Path(repo_id).name]
+        candidates = [root / name for root in (s.models_dir, s.baked_models_dir) for name in (repo_id, Path(repo_id).name)]
         for path in candidates:
             if path.is_dir() and any(path.iterdir()):
                 return path

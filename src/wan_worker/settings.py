@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     # --- models -------------------------------------------------------------------------
     model_profile: Literal["full", "tiny"] = "full"
     models_dir: Path = Path("/runpod-volume/models")
+    baked_models_dir: Path = Path("/models")
     hf_home: Path | None = None
     t2v_model_id: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     vace_model_id: str = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
