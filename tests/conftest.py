@@ -9,9 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,107 +22,11 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-S3_KEY, S3_SECRET, BUCKET = "test-access-key", "test-secret-key-0123456789", "workspace-temp"
+sys.path.insert(0, str(ROOT / "builder"))
 
-
-def free_port() -> int:
-    """A free loopback port below 55536 whose +10000 gRPC twin is free too (SeaweedFS)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 55536:
-            continue
-        with socket.socket() as twin:
-            try:
-                twin.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"port {port} did not open in {timeout}s")
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    proc: subprocess.Popen
-    data_dir: Path
-
-    def client(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=S3_KEY,
-            aws_secret_access_key=S3_SECRET,
-            region_name="us-east-1",
-        )
-
-    def env(self) -> dict[str, str]:
-        return {
-            "BUCKET_ENDPOINT_URL": self.endpoint,
-            "BUCKET_ACCESS_KEY_ID": S3_KEY,
-            "BUCKET_SECRET_ACCESS_KEY": S3_SECRET,
-            "BUCKET_NAME": BUCKET,
-        }
-
-
-def start_s3(tmp: Path) -> S3Server:
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    tmp.mkdir(parents=True, exist_ok=True)
-    config = tmp / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "test",
-                        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    master, volume, filer, s3 = (free_port() for _ in range(4))
-    proc = subprocess.Popen(
-        [
-            weed, "server", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}",
-            "-s3", f"-s3.port={s3}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false", "-volume.max=4",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp / "weed.log", "wb"),
-        start_new_session=True,
-    )
-    server = S3Server(f"http://127.0.0.1:{s3}", proc, tmp)
-    wait_for_port(s3, 60, proc)
-    deadline = time.monotonic() + 60
-    while True:  # the S3 port opens before the filer behind it is ready
-        try:
-            server.client().create_bucket(Bucket=BUCKET)
-            break
-        except Exception as exc:  # noqa: BLE001
-            if "BucketAlreadyOwnedByYou" in str(exc) or "BucketAlreadyExists" in str(exc):
-                break
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    return server
+from local_s3 import ACCESS_KEY as S3_KEY  # noqa: E402  (the dev S3 server is shared with tests)
+from local_s3 import BUCKET, S3Server, free_port, start_s3, wait_for_port  # noqa: E402,F401
+from local_s3 import SECRET_KEY as S3_SECRET  # noqa: E402
 
 
 def stop(proc: subprocess.Popen) -> None:

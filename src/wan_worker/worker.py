@@ -77,7 +77,7 @@ class Worker:
             output["job_id"] = job_obj.job_id
             self._finish(job_obj, output, metrics, time.perf_counter() - started)
         else:
-            log.info("job rejected", extra={"event": "job_metrics", "status": "failed", "error_code": output.get("error_code")})
+            self._reject(job, runpod_id, output)
         return output
 
     # -- the generation path ------------------------------------------------------------------
@@ -251,16 +251,29 @@ class Worker:
     # -- after the job ------------------------------------------------------------------------
 
     def _finish(self, job: Job, output: dict[str, Any], metrics: dict, seconds: float) -> None:
+        self._callback(job.job_id, job.callback_url, output)
+        self._log_metrics(job, output, metrics, seconds)
+
+    def _callback(self, job_id: str, job_url: str | None, output: dict[str, Any]) -> None:
         s = self.settings
-        url, warning = callback.resolve_url(s, job.callback_url)
+        url, warning = callback.resolve_url(s, job_url)
         if warning:
             output.setdefault("warnings", []).append(warning)
         if url and s.callback_secret:
-            delivered = callback.deliver(url, s.callback_secret.get_secret_value(), callback.callback_body(job.job_id, output), s)
+            delivered = callback.deliver(url, s.callback_secret.get_secret_value(), callback.callback_body(job_id, output), s)
             output["callback_delivered"] = delivered
         elif "callback_delivered" in output:
             output.pop("callback_delivered")
-        self._log_metrics(job, output, metrics, seconds)
+
+    def _reject(self, job: dict[str, Any], runpod_id: str, output: dict[str, Any]) -> None:
+        """A job refused before it became a ``Job``: one metrics line, and the failure callback."""
+        log.info("job rejected", extra={"event": "job_metrics", "status": "failed", "error_code": output.get("error_code")})
+        raw = job.get("input") if isinstance(job.get("input"), dict) else {}
+        if raw.get("action", "generate") != "generate":
+            return
+        raw_id, raw_url = raw.get("id"), raw.get("callback_url")
+        output["job_id"] = safe_job_id(raw_id if isinstance(raw_id, str) and raw_id else runpod_id)
+        self._callback(output["job_id"], raw_url if isinstance(raw_url, str) else None, output)
 
     def _log_metrics(self, job: Job, output: dict[str, Any], metrics: dict, seconds: float) -> None:
         asset = metrics.get("asset") or {}
