@@ -2,6 +2,6 @@
 
 import runpod
 
-from wan_worker.worker import concurrency_modifier, handler
+from wan_worker.worker import serverless_config
 
-runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
+runpod.serverless.start(serverless_config())

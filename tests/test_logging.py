@@ -99,9 +99,13 @@ def secret_run(tiny_models, s3, tmp_path_factory):
         **s3.env(), **SECRETS, "CALLBACK_URL": receiver.url,
         "ALLOW_PRIVATE_REFERENCE_URLS": "0", "UPLOAD_ATTEMPTS": "2", "ENHANCE_MAX_NEW_TOKENS": "16",
     })
+    t0 = time.monotonic()
     worker = start_api_worker(env, tmp_path_factory.mktemp("secret-run") / "worker.log")
+    print("TIME start", round(time.monotonic() - t0, 2))
     try:
-        responses = {name: worker.runsync(job) for name, job in jobs}
+        responses = {}
+        for name, job in jobs:
+            t0 = time.monotonic(); responses[name] = worker.runsync(job); print("TIME", name, round(time.monotonic() - t0, 2))
     finally:
         stop(worker.proc)
         receiver.close()
@@ -155,6 +159,7 @@ def test_one_metrics_line_per_job_with_hashed_prompts(secret_run):
             assert m["fps"] == 16 and m["video_duration"] == round(5 / 16, 4)
         else:
             assert m["fps"] is None and m["video_duration"] == 0
+        print(m["job_type"], m["reference_mode"], m["generation_time"], m["timings"])
         assert m["enhancement_applied"] is ("enhanced" in m["job_type"])
     assert {m["error_code"] for m in metrics if m["status"] == "failed"} == {"invalid_input", "reference_unavailable"}
     # Prompts are never logged in clear, by our logs or the SDK's.

@@ -336,3 +336,13 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 def concurrency_modifier(current: int) -> int:
     return get_settings().worker_concurrency
+
+
+def serverless_config() -> dict[str, Any]:
+    """The ``runpod.serverless.start`` config; loads models first when WARMUP_ON_START is set."""
+    worker = get_worker()
+    if worker.settings.warmup_on_start:
+        started = time.perf_counter()
+        worker.manager.encoder_pipe()
+        log.info("worker warm", extra={"seconds": round(time.perf_counter() - started, 2)})
+    return {"handler": handler, "concurrency_modifier": concurrency_modifier}
