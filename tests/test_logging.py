@@ -99,13 +99,9 @@ def secret_run(tiny_models, s3, tmp_path_factory):
         **s3.env(), **SECRETS, "CALLBACK_URL": receiver.url,
         "ALLOW_PRIVATE_REFERENCE_URLS": "0", "UPLOAD_ATTEMPTS": "2", "ENHANCE_MAX_NEW_TOKENS": "16",
     })
-    t0 = time.monotonic()
     worker = start_api_worker(env, tmp_path_factory.mktemp("secret-run") / "worker.log")
-    print("TIME start", round(time.monotonic() - t0, 2))
     try:
-        responses = {}
-        for name, job in jobs:
-            t0 = time.monotonic(); responses[name] = worker.runsync(job); print("TIME", name, round(time.monotonic() - t0, 2))
+        responses = {name: worker.runsync(job) for name, job in jobs}
     finally:
         stop(worker.proc)
         receiver.close()
@@ -146,21 +142,28 @@ def test_one_metrics_line_per_job_with_hashed_prompts(secret_run):
     generation = [n for n in secret_run["jobs"] if not n.startswith("action:")]
     assert len(metrics) == len(generation)
     completed = [m for m in metrics if m["status"] == "completed"]
+    by_hash = {prompt_hash(j["prompt"]): n for n, j in secret_run["jobs"].items() if "prompt" in j}
     assert sorted(m["job_type"] for m in completed if m["reference_mode"] == "none") == sorted(JOB_TYPES)
     for m in completed:
         assert METRIC_FIELDS <= set(m), set(METRIC_FIELDS) - set(m)
         assert m["worker"] == "wan" and m["resolution"] == "256x256"
         assert m["generation_time"] > 0 and m["timings"]["denoising"] >= 0
         assert m["file_size"] > 0 and m["error_code"] is None
-        job = next(j for j in secret_run["jobs"].values()
-                   if isinstance(j, dict) and prompt_hash(j.get("prompt", "")) == m["prompt_sha256"])
-        assert m["prompt_chars"] == len(job["prompt"])
+        name = by_hash[m["prompt_sha256"]]
+        job, out = secret_run["jobs"][name], secret_run["responses"][name]["output"]
+        assert m["prompt_chars"] == len(job["prompt"]) and m["job_type"] == job["job_type"]
+        assert m["file_size"] == out["assets"][0]["metadata"]["file_size_bytes"]
+        assert m["reference_mode"] == out["assets"][0]["metadata"]["reference_mode_applied"]
         if m["job_type"].startswith("video"):
             assert m["fps"] == 16 and m["video_duration"] == round(5 / 16, 4)
         else:
             assert m["fps"] is None and m["video_duration"] == 0
-        print(m["job_type"], m["reference_mode"], m["generation_time"], m["timings"])
-        assert m["enhancement_applied"] is ("enhanced" in m["job_type"])
+        # Tiny Qwen writes noise, so enhancement may fall back; the metric says what happened.
+        assert m["enhancement_applied"] is out["metadata"]["enhancement_applied"]
+        if "enhanced" not in m["job_type"]:
+            assert m["enhancement_applied"] is False
+        else:
+            assert "enhancing" in m["timings"]
     assert {m["error_code"] for m in metrics if m["status"] == "failed"} == {"invalid_input", "reference_unavailable"}
     # Prompts are never logged in clear, by our logs or the SDK's.
     for job in secret_run["jobs"].values():

@@ -10,6 +10,7 @@ import base64
 
 import numpy as np
 import pytest
+import requests
 from diffusers import WanPipeline, WanVACEPipeline, WanVideoToVideoPipeline
 
 from refserver import RefServer
@@ -197,9 +198,32 @@ def test_mode_without_its_image_names_the_field(worker):
     assert out["error_code"] == "invalid_input" and out["field"] == "first_frame"
 
 
-def test_reference_job_end_to_end_through_handler(api_worker, server):
-    out = api_worker.runsync({**VIDEO, "first_frame": server.url("/red.png"), "last_frame": server.url("/blue.png")})
+@pytest.mark.parametrize(
+    "fields, mode, kept, refs",
+    [
+        ({"reference_image_url": "/red.png"}, "single", [], 1),
+        ({"first_frame": "/red.png"}, "start", [0], 0),
+        ({"last_frame": "/blue.png"}, "end", [8], 0),
+        ({"first_frame": "/red.png", "last_frame": "/blue.png"}, "both", [0, 8], 0),
+    ],
+)
+def test_each_mode_end_to_end_through_handler(api_worker, server, fields, mode, kept, refs):
+    plain = api_worker.runsync(VIDEO)["output"]
+    out = api_worker.runsync({**VIDEO, **{k: server.url(v) for k, v in fields.items()}})
     assert out["status"] == "COMPLETED", out
-    meta = out["output"]["assets"][0]["metadata"]
-    assert meta["pipeline"] == "vace" and meta["reference_mode_applied"] == "both"
-    assert out["output"]["assets"][0]["path"].endswith("/0.mp4")
+    asset = out["output"]["assets"][0]
+    meta = asset["metadata"]
+    assert meta["pipeline"] == "vace" and meta["reference_mode_applied"] == mode
+    assert meta["conditioning"] == {"reference_images": refs, "kept_frames": kept}
+    assert meta["conditioning_scale"] == 1.0 and meta["denoise_strength"] == 0.5
+    assert asset["path"].endswith("/0.mp4") and asset["metadata"]["frames"] == 9
+    assert requests.get(asset["url"], timeout=30).content != requests.get(plain["assets"][0]["url"], timeout=30).content
+
+
+def test_image_to_image_end_to_end_through_handler(api_worker, server):
+    out = api_worker.runsync({"job_type": "image_fast", "prompt": "p", "seed": 2, **SMALL,
+                              "reference_image_url": server.url("/green.png"), "reference_strength": 0.5,
+                              "config": {"num_inference_steps": 4}})["output"]
+    meta = out["assets"][0]["metadata"]
+    assert meta["pipeline"] == "i2i" and meta["conditioning"] == {"input_frames": 1, "strength": 0.5}
+    assert out["metadata"]["steps"] == 2 and out["assets"][0]["path"].endswith("/0.png")

@@ -1,10 +1,31 @@
-"""Speed features, all from diffusers itself: attention backends, regional compile, step cache."""
+"""Speed features, all built on diffusers' and transformers' own hooks.
+
+* **Attention backend** - ``ATTENTION_BACKEND=auto`` (default) times the backends that load
+  on this machine on the real attention shape once per process and keeps the fastest; an
+  explicit name is used if it works, else native SDPA. FlashAttention-3 is used through
+  diffusers' own ``_flash_3`` backend when an FA3 build is importable (``flash_attn_interface``
+  or the forward-only ``fa3_fwd_interface`` wheel).
+* **Regional compile** - each repeated transformer block's ``forward`` is compiled once
+  (``fullgraph=True, dynamic=False``) and the graph is shared by all blocks of that class.
+  It is the *forward* that is compiled (not ``module.compile()``), so diffusers' cache hooks,
+  which wrap ``forward``, stay eager around it and step caching works with compile.
+  ``warm_transformer`` runs one forward per shape so the first job does not pay for it.
+* **Step cache** - diffusers' first-block cache for one pipeline call (``step_cache``).
+* **VAE** - cuDNN autotuning for the causal 3-D convolutions (``optimize_vae``).
+* **Qwen** - transformers' static cache plus its own generation compile
+  (``generation_config.compile_config``: ``torch.compile`` with CUDA graphs for the decode
+  step only), warmed once at load time so no job pays the compile inside its time bound.
+
+Every choice made here is recorded in ``REPORT`` so the benchmark harness can show it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -12,18 +33,190 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: What this process chose and measured (attention timings, compile, Qwen warm-up).
+REPORT: dict[str, Any] = {}
+
+#: Backends tried by ``auto``, best first when timings tie.
+ATTENTION_CANDIDATES = ("_flash_3", "_native_cudnn", "native", "_native_flash", "_native_efficient")
+#: The attention shape ``auto`` times: 480x832, 81 frames -> 21 x 30 x 52 = 32,760 tokens.
+DEFAULT_TOKENS, HEADS, HEAD_DIM = 32_760, 12, 128
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+
+def enable_fa3() -> bool:
+    """Make diffusers' ``_flash_3`` backend use an installed FA3 build; False when there is none."""
+    import diffusers.models.attention_dispatch as dispatch
+
+    if getattr(dispatch, "_CAN_USE_FLASH_ATTN_3", False) and getattr(dispatch, "flash_attn_3_func", None):
+        return True
+    func = None
+    for module_name in ("flash_attn_interface", "fa3_fwd_interface"):
+        try:
+            func = __import__(module_name).flash_attn_func
+            break
+        except Exception:  # noqa: BLE001 - absent or built for another torch: no FA3
+            continue
+    if func is None:
+        return False
+    dispatch.flash_attn_3_func = func
+    dispatch._CAN_USE_FLASH_ATTN_3 = True
+    return True
+
+
+def _time_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Tensor | None) -> tuple[float, float]:
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    def call() -> torch.Tensor:
+        return dispatch_attention_fn(q, k, v, backend=backend)
+
+    out = call()  # also loads the kernel
+    err = 0.0 if ref is None else float((out.float() - ref.float()).norm() / ref.float().norm())
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[1], err
+
+
+def measure_attention_backends(tokens: int = DEFAULT_TOKENS, candidates: tuple[str, ...] = ATTENTION_CANDIDATES) -> dict[str, dict]:
+    """Seconds and relative error (vs native SDPA) of each usable backend on one attention call."""
+    enable_fa3()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    flops = 4 * tokens * tokens * HEADS * HEAD_DIM
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    ref = dispatch_attention_fn(q, k, v, backend="native")
+    results: dict[str, dict] = {}
+    for name in candidates:
+        try:
+            seconds, err = _time_attention(name, q, k, v, ref)
+        except Exception as exc:  # noqa: BLE001 - a backend that does not load is skipped
+            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+            continue
+        results[name] = {
+            "ok": err < 2e-2,
+            "seconds": round(seconds, 5),
+            "tflops": round(flops / seconds / 1e12, 1),
+            "rel_err": round(err, 5),
+        }
+    del q, k, v, ref
+    torch.cuda.empty_cache()
+    return results
+
+
+def resolve_attention_backend(settings: Settings) -> str | None:
+    """The backend to set on every transformer of this process (``None``: diffusers' default)."""
+    if "attention_backend" in REPORT:
+        return REPORT["attention_backend"]
+    wanted = settings.attention_backend
+    chosen: str | None = None
+    if wanted and torch.cuda.is_available():
+        if wanted in ("_flash_3", "auto"):
+            REPORT["fa3_available"] = enable_fa3()
+        if wanted == "auto":
+            try:
+                timings = measure_attention_backends()
+                REPORT["attention_timings"] = timings
+                usable = {n: r["seconds"] for n, r in timings.items() if r.get("ok")}
+                chosen = min(usable, key=usable.get) if usable else None
+            except Exception as exc:  # noqa: BLE001 - measurement itself failed: stay on native
+                log.warning("attention backend measurement failed", extra={"reason": f"{type(exc).__name__}: {exc}"})
+        else:
+            chosen = wanted
+    REPORT["attention_backend"] = chosen
+    return chosen
+
+
+def _set_backend(transformer: torch.nn.Module, backend: str | None) -> str | None:
+    if not backend or backend == "native":
+        return "native" if backend else None
+    try:
+        transformer.set_attention_backend(backend)
+        return backend
+    except Exception as exc:  # noqa: BLE001 - a missing kernel package falls back to native SDPA
+        log.warning("attention backend unavailable, using native", extra={"backend": backend, "reason": str(exc)})
+        REPORT.setdefault("attention_fallbacks", []).append({"backend": backend, "reason": str(exc)[:200]})
+        return "native"
+
+
+# -- the transformer -------------------------------------------------------------------------------
+
+
+def compile_blocks(transformer: torch.nn.Module, mode: str | None = None) -> int:
+    """Compile the ``forward`` of every repeated block; one graph per block class and shape.
+
+    Returns the number of blocks wrapped. Idempotent.
+    """
+    import torch._dynamo
+
+    # One entry per (block class, shape); the default limit of 8 would stop compiling after
+    # a few job sizes and silently fall back to eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    names = set(getattr(transformer, "_repeated_blocks", ()) or ())
+    count = 0
+    for module in transformer.modules():
+        if module.__class__.__name__ in names and not getattr(module, "_wan_compiled", False):
+            module.forward = torch.compile(module.forward, fullgraph=True, dynamic=False, mode=mode)
+            module._wan_compiled = True
+            count += 1
+    return count
+
 
 def optimize_transformer(transformer: torch.nn.Module, settings: Settings) -> None:
-    """Apply the configured attention backend and regional compile to a Wan transformer."""
-    if settings.attention_backend:
+    """Apply the attention backend, fused QKV and regional compile to a Wan transformer."""
+    info: dict[str, Any] = {"class": type(transformer).__name__}
+    info["attention_backend"] = _set_backend(transformer, resolve_attention_backend(settings))
+    if settings.fuse_qkv:
         try:
-            transformer.set_attention_backend(settings.attention_backend)
-        except Exception as exc:  # noqa: BLE001 - a missing kernel package falls back to native SDPA
-            log.warning("attention backend unavailable, using native", extra={"backend": settings.attention_backend, "reason": str(exc)})
+            transformer.fuse_qkv_projections()
+            info["fused_qkv"] = True
+        except Exception as exc:  # noqa: BLE001
+            info["fused_qkv"] = f"failed: {type(exc).__name__}: {exc}"[:200]
     if settings.compile_transformer and torch.cuda.is_available():
-        # One compiled graph per transformer block, reused by all 30 blocks; a new
-        # height/width/frame count recompiles, so dynamic=False keeps graphs exact.
-        transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        info["compiled_blocks"] = compile_blocks(transformer)
+    REPORT.setdefault("transformers", []).append(info)
+
+
+def transformer_dummy_inputs(transformer: torch.nn.Module, height: int, width: int, frames: int, device, text_len: int = 512) -> dict:
+    cfg = transformer.config
+    latent_frames = (frames - 1) // 4 + 1
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, cfg.in_channels, latent_frames, height // 8, width // 8, generator=gen, device=device, dtype=torch.bfloat16),
+        "timestep": torch.tensor([500.0], device=device),
+        "encoder_hidden_states": torch.randn(1, text_len, cfg.text_dim, generator=gen, device=device, dtype=torch.bfloat16),
+        "return_dict": False,
+    }
+    if hasattr(cfg, "vace_in_channels") and getattr(cfg, "vace_layers", None):
+        inputs["control_hidden_states"] = torch.randn(
+            1, cfg.vace_in_channels, latent_frames, height // 8, width // 8, generator=gen, device=device, dtype=torch.bfloat16
+        )
+        inputs["control_hidden_states_scale"] = torch.ones(len(cfg.vace_layers), device=device)
+    return inputs
+
+
+def warm_transformer(transformer: torch.nn.Module, height: int, width: int, frames: int) -> float:
+    """One forward at this shape, so compilation and kernel autotuning happen now (seconds)."""
+    device = next(transformer.parameters()).device
+    started = time.perf_counter()
+    with torch.inference_mode():
+        transformer(**transformer_dummy_inputs(transformer, height, width, frames, device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    REPORT.setdefault("warmups", []).append(
+        {"class": type(transformer).__name__, "shape": [frames, height, width], "seconds": round(seconds, 2)}
+    )
+    return seconds
 
 
 @contextlib.contextmanager
@@ -45,10 +238,63 @@ def step_cache(transformer: torch.nn.Module, threshold: float | None) -> Iterato
         transformer.disable_cache()
 
 
+# -- the VAE ---------------------------------------------------------------------------------------
+
+
+def optimize_vae(vae: torch.nn.Module, settings: Settings) -> None:
+    """cuDNN autotuning for the VAE's 3-D convolutions (each shape is tuned once per process)."""
+    if torch.cuda.is_available() and settings.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+        REPORT["cudnn_benchmark"] = True
+
+
+# -- Qwen --------------------------------------------------------------------------------------------
+
+
 def prepare_qwen(model: torch.nn.Module, settings: Settings) -> None:
-    """Configure the prompt enhancer's decoding for speed once, at load time."""
+    """Static KV cache + transformers' own decode compile (CUDA graphs), warmed once here.
+
+    Called once the model is on its device. Only the one-token decode step is compiled
+    (prefill stays eager, since prompt lengths vary); the cache is sized for
+    ``ENHANCE_MAX_CACHE_LEN`` tokens so every prompt up to that reuses one graph. If the warm-up
+    fails, compile is switched off for this model and decoding stays eager.
+    """
+    info: dict[str, Any] = {"compile": False}
+    REPORT["qwen"] = info
+    device = next(model.parameters()).device
+    if not settings.enhance_compile or device.type != "cuda":
+        return
+    from transformers import CompileConfig
+
+    gc = model.generation_config
+    gc.cache_implementation = "static"
+    gc.max_cache_len = settings.enhance_max_cache_len
+    gc.compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    started = time.perf_counter()
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
+        with torch.inference_mode():
+            for _ in range(2):  # compile, then record the CUDA graph
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=8,
+                    min_new_tokens=8,
+                    do_sample=False,
+                    repetition_penalty=1.05,
+                    pad_token_id=gc.pad_token_id if gc.pad_token_id is not None else 0,
+                )
+        torch.cuda.synchronize()
+        info.update(compile=True, warmup_seconds=round(time.perf_counter() - started, 2))
+    except Exception as exc:  # noqa: BLE001 - compile is an optimisation; eager decoding still works
+        gc.cache_implementation = None
+        gc.compile_config = None
+        gc.max_cache_len = None
+        gc.disable_compile = True
+        info.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        log.warning("Qwen decode compile failed; decoding eagerly", extra={"reason": info["error"]})
 
 
 def qwen_generate_kwargs(settings: Settings) -> dict:
-    """Extra ``generate`` kwargs for the prompt enhancer (cache implementation, compile)."""
+    """Extra ``generate`` kwargs for the prompt enhancer (the static cache lives in generation_config)."""
     return {}

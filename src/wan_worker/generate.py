@@ -45,6 +45,18 @@ class Conditioning:
     conditioning_scale: float | None = None
     denoise_strength: float | None = None
 
+    def summary(self) -> dict[str, Any] | None:
+        """What conditioned the output, in numbers a caller can check (asset metadata)."""
+        if self.pipeline == "vace":
+            mask = self.kwargs.get("mask") or []
+            return {
+                "reference_images": len(self.kwargs.get("reference_images") or []),
+                "kept_frames": [i for i, m in enumerate(mask) if m.getpixel((0, 0)) == BLACK],
+            }
+        if self.pipeline == "i2i":
+            return {"input_frames": len(self.kwargs["video"]), "strength": self.kwargs["strength"]}
+        return None
+
 
 @dataclass
 class Generated:

@@ -164,9 +164,10 @@ class ModelManager:
                 refresh_worker=True,
             ) from exc
         pipe.set_progress_bar_config(disable=True)
-        from .accel import optimize_transformer
+        from .accel import optimize_transformer, optimize_vae
 
         optimize_transformer(pipe.transformer, self.settings)
+        optimize_vae(pipe.vae, self.settings)
         self._register("text_encoder", pipe.text_encoder)
         self._register("transformer", pipe.transformer)
         self._register("vae", pipe.vae)
@@ -238,8 +239,8 @@ class ModelManager:
                 model.eval()
                 from .accel import prepare_qwen
 
-                prepare_qwen(model, self.settings)
                 self._register("qwen", model)
+                prepare_qwen(model, self.settings)  # on its device: warms the decode graph
                 self._qwen = (model, tokenizer)
                 self.load_seconds["qwen"] = time.perf_counter() - started
             return self._qwen

@@ -214,6 +214,7 @@ class AssetMetadata(BaseModel):
     denoise_strength: float | None
     conditioning_scale: float | None
     resize_policy: str | None
+    conditioning: dict[str, Any] | None = None
 
 
 class Asset(BaseModel):

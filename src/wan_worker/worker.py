@@ -178,6 +178,7 @@ class Worker:
                 denoise_strength=cond.denoise_strength,
                 conditioning_scale=cond.conditioning_scale,
                 resize_policy=RESIZE_POLICY if images else None,
+                conditioning=cond.summary(),
             ),
         )
         metadata: dict[str, Any] = {
