@@ -1,0 +1,42 @@
+"""Model loading: the full profile's lookup order and its error, on real on-disk checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from wan_worker.errors import ModelUnavailable
+from wan_worker.models import ModelLocator, estimate_working_bytes
+from wan_worker.settings import Settings
+from wan_worker.tiny import T2V_DIR
+from wan_worker.worker import Worker
+
+
+def test_full_profile_loads_from_models_dir(tiny_models, tmp_path):
+    """The full profile's code path, pointed at a MODELS_DIR laid out like download_models.py."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models / T2V_DIR, models / T2V_DIR)
+    settings = Settings(model_profile="full", models_dir=models, baked_models_dir=tmp_path / "none",
+                        hf_home=tmp_path / "hf", inline_max_bytes=50_000_000)
+    assert ModelLocator(settings).resolve("Wan-AI/Wan2.1-T2V-1.3B-Diffusers") == models / T2V_DIR
+    out = Worker(settings).handle({"id": "m1", "input": {"job_type": "image_fast", "prompt": "p", "width": 256,
+                                                         "height": 256, "config": {"num_inference_steps": 1}}},
+                                  send=lambda p: None)
+    assert out["status"] == "completed", out
+
+
+def test_missing_weights_name_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = Settings(model_profile="full", models_dir=tmp_path / "empty", baked_models_dir=tmp_path / "none",
+                        hf_home=tmp_path / "hf")
+    with pytest.raises(ModelUnavailable) as info:
+        ModelLocator(settings).resolve("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert "builder/download_models.py --models-dir" in info.value.message
+    out = Worker(settings).handle({"id": "m2", "input": {"prompt": "p"}}, send=lambda p: None)
+    assert out["error_code"] == "model_unavailable" and out["retryable"] is False
+
+
+def test_working_memory_estimate_grows_with_tokens():
+    small, full = estimate_working_bytes(480, 832, 17), estimate_working_bytes(480, 832, 81)
+    assert full > small > estimate_working_bytes(256, 256, 1)
