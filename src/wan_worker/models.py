@@ -218,8 +218,11 @@ class ModelManager:
         return transformer
 
     def pipeline(self, name: str):
-        """``t2v``, ``vace`` or ``i2i``: the denoising pipeline for a job."""
+        """``t2v``, ``vace`` or ``i2i``: the denoising pipeline for a job, loaded on first use."""
         return self._denoise_pipe("t2v_denoise" if name == "t2v" else name)
+
+    def ready(self, name: str) -> bool:
+        return ("t2v_denoise" if name == "t2v" else name) in self._pipes
 
     def qwen(self) -> tuple[Any, Any]:
         """(model, tokenizer) of the prompt enhancer, loaded on first use."""

@@ -95,10 +95,10 @@ class Worker:
         mode, images = self._references(job, progress, timings, warnings, deadline)
         cond = build_conditioning(job, mode, images)
 
-        if not self.manager.wan_loaded:
+        if not self.manager.ready(cond.pipeline):
             progress.enter("loading")
             t = time.perf_counter()
-            self.manager.encoder_pipe()
+            self.manager.pipeline(cond.pipeline)
             timings["loading"] = time.perf_counter() - t
 
         prompt = job.prompt
