@@ -220,7 +220,8 @@ class FaultProxy:
         self.delay_s = 0.0
         self.delay_count = 0
         self.methods: set[str] | None = None
-        self.log: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.log: list[tuple[str, str, int]] = []  # (method, path, status), once answered
+        self.requests: list[tuple[str, str]] = []  # (method, path), as they arrive
         self._lock = threading.Lock()
         proxy = self
 
@@ -248,6 +249,7 @@ class FaultProxy:
 
                 body = self._read_body()
                 with proxy._lock:
+                    proxy.requests.append((self.command, self.path))
                     matches = proxy.methods is None or self.command in proxy.methods
                     fail = matches and proxy.fail > 0
                     if fail:

@@ -167,8 +167,8 @@ def test_one_metrics_line_per_job_with_hashed_prompts(secret_run):
     assert {m["error_code"] for m in metrics if m["status"] == "failed"} == {"invalid_input", "reference_unavailable"}
     # Prompts are never logged in clear, by our logs or the SDK's.
     for job in secret_run["jobs"].values():
-        prompt = job.get("prompt") if isinstance(job, dict) else job
-        assert prompt not in secret_run["logs"], prompt
+        if job.get("prompt"):
+            assert job["prompt"] not in secret_run["logs"], job["prompt"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,13 +230,14 @@ def test_error_paths_leak_no_secret(tiny_models, s3, tmp_path, monkeypatch, capt
         outputs.append(out := handle(worker, job_input, job_id=job_id))
         return out
 
-    with CallbackReceiver(statuses=[403]) as receiver:
-        worker = env_worker(monkeypatch, tmp_path, **base, CALLBACK_URL=receiver.url)
+    with CallbackReceiver(statuses=[200, 200, 200, 403]) as receiver:
+        worker = env_worker(monkeypatch, tmp_path, **{**base, "CALLBACK_URL": receiver.url})
         assert run(worker, {**SMALL_IMAGE, "width": 7})["error_code"] == "invalid_input"
         assert run(worker, ["not", "an", "object"])["error_code"] == "invalid_input"
         assert run(worker, {**SMALL_IMAGE, "strict_references": True,
                             "reference_image_url": "data:image/png;base64,!!"})["error_code"] == "reference_unavailable"
         assert run(worker, SMALL_IMAGE)["callback_delivered"] is False  # 403: refused
+        assert [d.status for d in receiver.deliveries] == [200, 200, 200, 403]
         assert run(worker, {"action": "debug_env"})["env_set"]["CALLBACK_SECRET"] is True
         assert run(worker, {"action": "health"})["status"] == "healthy"
 
@@ -253,7 +254,7 @@ def test_error_paths_leak_no_secret(tiny_models, s3, tmp_path, monkeypatch, capt
         assert out["error_code"] == "out_of_memory" and out["refresh_worker"] is True
         hook.handle.remove()
 
-    worker = env_worker(monkeypatch, tmp_path, **base, BUCKET_NAME="no-such-bucket")
+    worker = env_worker(monkeypatch, tmp_path, **{**base, "BUCKET_ACCESS_KEY_ID": "unknown-key-id"})
     out = run(worker, SMALL_IMAGE)
     assert out["error_code"] == "storage_error" and out["retryable"] is False
 
@@ -261,7 +262,7 @@ def test_error_paths_leak_no_secret(tiny_models, s3, tmp_path, monkeypatch, capt
     out = run(worker, SMALL_IMAGE)
     assert out["error_code"] == "storage_error" and out["retryable"] is True
 
-    worker = env_worker(monkeypatch, tmp_path, **base, JOB_TIMEOUT_S="0.001")
+    worker = env_worker(monkeypatch, tmp_path, **{**base, "JOB_TIMEOUT_S": "0.001"})
     assert run(worker, SMALL_IMAGE)["error_code"] == "job_timeout"
 
     empty = tmp_path / "no-models"

@@ -51,8 +51,12 @@ def callback_body(job_id: str, output: dict[str, Any]) -> dict[str, Any]:
 def resolve_url(settings: Settings, job_url: str | None) -> tuple[str | None, str | None]:
     """(url to use, warning). A job-supplied URL needs its host in CALLBACK_ALLOWED_HOSTS."""
     if job_url:
-        parts = urlsplit(job_url)
-        host = (parts.hostname or "").lower()
+        try:
+            parts = urlsplit(job_url)
+            host = (parts.hostname or "").lower()
+            parts.port  # noqa: B018 - raises on a port out of range
+        except ValueError:  # e.g. an unbalanced IPv6 bracket
+            return settings.callback_url, "callback_url is not a valid URL; not used"
         if parts.scheme in ("http", "https") and host in settings.allowed_callback_hosts:
             return job_url, None
         return settings.callback_url, f"callback_url host '{host}' is not in CALLBACK_ALLOWED_HOSTS; not used"

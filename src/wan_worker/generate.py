@@ -172,6 +172,9 @@ class Generator:
             if time.monotonic() > deadline:
                 state["timed_out"] = True
                 p._interrupt = True  # the pipeline skips the remaining steps
+                # ... and raising here also skips the VAE decode of a half-denoised video, which
+                # alone can take longer than all the steps: JOB_TIMEOUT_S bounds the whole job.
+                raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={self.settings.job_timeout_s:g}s during generation")
             return {}
 
         threshold = cache_threshold(job, cond.pipeline, self.settings)

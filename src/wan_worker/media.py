@@ -7,6 +7,9 @@ encode itself), and the thumbnail is made in a thread meanwhile.
 
 from __future__ import annotations
 
+import errno
+import shutil
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,34 @@ def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
     ) as writer:
         for frame in frames:
             writer.append_data(to_uint8(frame))  # converted while ffmpeg encodes the last one
+    check_mp4(path)
+
+
+def check_mp4(path: Path) -> None:
+    """Refuse an incomplete MP4. imageio drops ffmpeg's exit status, so a disk that fills up
+    while the video is written leaves a truncated file that would otherwise be uploaded as
+    the result. The top-level boxes must hold ``moov`` and ``mdat`` and end exactly at EOF.
+    """
+    size = path.stat().st_size if path.exists() else 0
+    kinds, pos = set(), 0
+    while size and pos + 8 <= size:
+        with path.open("rb") as f:
+            f.seek(pos)
+            header = f.read(16)
+        box_size, kind = struct.unpack(">I4s", header[:8])
+        if box_size == 1:
+            box_size = struct.unpack(">Q", header[8:16])[0]
+        elif box_size == 0:
+            box_size = size - pos
+        if box_size < 8:
+            break
+        kinds.add(kind)
+        pos += box_size
+    if pos == size and {b"moov", b"mdat"} <= kinds:
+        return
+    if shutil.disk_usage(path.parent).free < 1024 * 1024:
+        raise OSError(errno.ENOSPC, "No space left on device: ffmpeg could not finish the MP4", str(path))
+    raise RuntimeError(f"ffmpeg wrote an incomplete MP4 ({path.name}, {size} bytes)")
 
 
 def write_thumbnail(frame: np.ndarray, path: Path) -> None:

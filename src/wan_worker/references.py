@@ -81,7 +81,11 @@ def _decode_data_uri(source: str, settings: Settings) -> bytes:
 
 def check_host(url: str, settings: Settings) -> None:
     """Refuse non-http(s) URLs and hosts that resolve to non-public addresses."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port out of range
+    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
+        raise ReferenceFetchError(f"invalid URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
         raise ReferenceFetchError(f"URL scheme '{parts.scheme}' is not allowed; use http(s)")
     if not parts.hostname:
@@ -89,8 +93,8 @@ def check_host(url: str, settings: Settings) -> None:
     if settings.allow_private_reference_urls:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except (socket.gaierror, UnicodeError):
+        infos = socket.getaddrinfo(parts.hostname, port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError, ValueError):
         raise ReferenceFetchError(f"host {parts.hostname} does not resolve") from None
     for info in infos:
         ip = ipaddress.ip_address(info[4][0])
@@ -108,9 +112,14 @@ def _fetch(url: str, settings: Settings, deadline: float | None) -> bytes:
         session.trust_env = False  # no proxies or .netrc credentials from the environment
         for _ in range(settings.reference_max_redirects + 1):
             check_host(url, settings)
+            remaining = max(0.05, overall - time.monotonic())  # the job's deadline bounds each request too
             try:
-                response = session.get(url, stream=True, timeout=(min(timeout, 5.0), timeout), allow_redirects=False)
+                response = session.get(
+                    url, stream=True, timeout=(min(remaining, 5.0), remaining), allow_redirects=False
+                )
             except requests.Timeout:
+                if deadline is not None and deadline <= overall:
+                    raise ReferenceFetchError("timed out at the job deadline (JOB_TIMEOUT_S)") from None
                 raise ReferenceFetchError(f"timed out after {timeout:g}s") from None
             except requests.RequestException as exc:
                 raise ReferenceFetchError(f"could not connect ({type(exc).__name__})") from None

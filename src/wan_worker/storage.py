@@ -48,7 +48,7 @@ class Storage:
                     s3={"addressing_style": "path"},
                     connect_timeout=min(10.0, s.upload_timeout_s),
                     read_timeout=s.upload_timeout_s,
-                    retries={"max_attempts": 1, "mode": "standard"},  # we retry whole uploads ourselves
+                    retries={"total_max_attempts": 1, "mode": "standard"},  # we retry whole uploads ourselves
                 ),
             )
         return self._client
@@ -73,7 +73,7 @@ class Storage:
                 self.client.head_object(Bucket=s.bucket_name, Key=key)  # the asset exists before we say so
                 break
             except Exception as exc:  # noqa: BLE001 - botocore raises many types; all are retried
-                code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+                code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "")  # timeouts: None
                 if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                     raise StorageError(
                         f"upload of {key} refused by storage ({code}); check BUCKET_NAME and the bucket credentials",

@@ -6,6 +6,7 @@ validate -> fetch references -> load -> enhance -> encode prompt -> denoise -> d
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import re
@@ -72,7 +73,14 @@ class Worker:
             output = exc.to_output()
         except Exception as exc:  # noqa: BLE001 - never let a job kill the worker
             log.exception("unexpected failure")
-            output = WorkerError(f"internal error ({type(exc).__name__}); the job was not completed").to_output()
+            if cuda_error(exc):  # the CUDA context may be broken: fail retryable and restart the worker
+                first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                output = WorkerError(
+                    f"CUDA error ({first_line}); the job was not completed and this worker restarts",
+                    code="cuda_error", retryable=True, refresh_worker=True,
+                ).to_output()
+            else:
+                output = WorkerError(f"internal error ({type(exc).__name__}); the job was not completed").to_output()
         if job_obj is not None:
             output["job_id"] = job_obj.job_id
             self._finish(job_obj, output, metrics, time.perf_counter() - started)
@@ -141,7 +149,15 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix=f"wan-{job.job_id}-", dir=s.work_dir) as tmp:
             progress.enter("encoding")
             t = time.perf_counter()
-            media = encode(generated.frames, Path(tmp), as_video=job.kind == "video", fps=job.fps)
+            try:
+                media = encode(generated.frames, Path(tmp), as_video=job.kind == "video", fps=job.fps)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise WorkerError(
+                    f"disk full: no space left in WORK_DIR ({s.work_dir or tempfile.gettempdir()}) while writing "
+                    f"the {job.kind}; the job was not completed", code="disk_full", retryable=True,
+                ) from None
             timings["encoding"] = time.perf_counter() - t
             _check_deadline(deadline, s, "before upload")
 
@@ -306,6 +322,16 @@ class Worker:
                 "flags": flags,
             },
         )
+
+
+_CUDA_ERROR = re.compile(r"CUDA error|CUDA out of memory|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|NCCL error")
+
+
+def cuda_error(exc: BaseException) -> bool:
+    """A device fault after which RunPod should restart the worker (``refresh_worker``)."""
+    if isinstance(exc, (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_CUDA_ERROR.search(str(exc)))
 
 
 def safe_job_id(value: str) -> str:

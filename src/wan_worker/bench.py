@@ -1,0 +1,1236 @@
+"""Benchmark harness: ``python -m wan_worker.bench`` (GPU) or ``--tiny`` (CPU smoke test).
+
+It runs the worker's real job path, stage by stage, on random weights of the real
+architectures (random weights cost exactly what trained weights cost per step):
+
+* **write_models** - Wan2.1-T2V-1.3B (full transformer, UMT5-XXL-shaped encoder, default
+  VAE), the Wan2.1-VACE-1.3B transformer and a Qwen2.5-7B-shaped model, saved with
+  ``save_pretrained`` as safetensors under ``MODELS_DIR/<repo name>`` (what ``ModelLocator``
+  resolves). ``--tiny`` uses the tiny profile's checkpoints instead.
+* **cold_start** - a fresh process: imports, ``Worker``, model load from disk (page cache
+  dropped first where the OS allows), compile warm-up, until ready.
+* **attention / transformer** - each attention backend, and transformer forwards eager vs
+  compiled, with effective TFLOP/s against the analytic FLOP count.
+* **vae** - decode in fp32 / bf16 / with cuDNN autotuning, time and PSNR vs fp32.
+* **reference** - plain diffusers ``WanPipeline``, eager, same weights, prompt and seed.
+* **worker** - ``Worker.handle`` end to end (job start to uploaded assets), uncached and with
+  the step cache; per-step times, stage times, PSNR of the decoded frames vs the reference
+  (uncached) and vs the uncached worker run (cached).
+* **cpu_stages** - MP4 + thumbnail + upload on the decoded frames and on a natural-looking
+  clip, per x264 preset, with the encoded video's PSNR.
+* **qwen** - load time from local disk, decode tokens/s eager vs static cache + compile.
+* **residency** - a fresh process capped at 48 GB of the card runs all eight job types and
+  every reference mode under ``GPU_MEMORY_BUDGET_GB=44``; peak allocated memory per job.
+* **scaling** - transformer forward and attention time at 17/33/49/81 frames and 720p.
+
+Output is one JSON document (``--out``), rewritten after every section, so an interrupted
+run still leaves what it measured. Nothing is asserted on timings here; the numbers are
+read by people (docs/PERFORMANCE.md) and compared between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GiB = 1024**3
+T2V_REPO, VACE_REPO, QWEN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-VACE-1.3B-diffusers", "Qwen/Qwen2.5-7B"
+
+#: The real architectures (Wan2.1-T2V-1.3B, UMT5-XXL encoder, Wan2.1-VACE-1.3B, Qwen2.5-7B).
+WAN_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+VACE_EXTRA = dict(vace_layers=list(range(0, 30, 2)), vace_in_channels=96)
+UMT5_XXL = dict(
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    dropout_rate=0.0, tie_word_embeddings=False, is_encoder_decoder=False,
+)
+QWEN_7B = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, hidden_act="silu",
+)
+
+PROMPT = (
+    "A red fox trots through fresh snow in a quiet birch forest at dawn, breath steaming, "
+    "soft golden light filtering between the trunks, the camera tracking slowly beside it."
+)
+NEGATIVE = "blurry, low quality, distorted, watermark, text"
+SEED = 1234
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def r(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """PSNR in dB of two frame stacks in [0, 1] (or uint8); inf when identical."""
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    a = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)
+    b = b.astype(np.float32) / (255.0 if b.dtype == np.uint8 else 1.0)
+    mse = float(np.mean((np.clip(a, 0, 1) - np.clip(b, 0, 1)) ** 2))
+    return float("inf") if mse == 0 else round(10 * math.log10(1.0 / mse), 2)
+
+
+def gpu_peak_gib() -> float | None:
+    import torch
+
+    return r(torch.cuda.max_memory_allocated() / GiB, 2) if torch.cuda.is_available() else None
+
+
+def reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_cuda() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def drop_page_cache() -> bool:
+    """Ask the kernel to forget cached file pages, so the next load reads the disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def transformer_flops(tokens: int, text_len: int = 512, dim: int = 1536, ffn: int = 8960, layers: int = 30) -> float:
+    """Analytic FLOPs of one Wan transformer forward (matmuls and attention; 2 per MAC)."""
+    self_attn = 8 * tokens * dim * dim + 4 * tokens * tokens * dim
+    cross_attn = 4 * tokens * dim * dim + 4 * text_len * dim * dim + 4 * tokens * text_len * dim
+    ffn_flops = 4 * tokens * dim * ffn
+    return float(layers * (self_attn + cross_attn + ffn_flops))
+
+
+def config_flops(cfg, tokens: int) -> float:
+    """``transformer_flops`` for a loaded transformer's config (tiny or full)."""
+    return transformer_flops(tokens, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim, layers=cfg.num_layers)
+
+
+def attention_flops(tokens: int, dim: int = 1536, layers: int = 30) -> float:
+    return float(layers * 4 * tokens * tokens * dim)
+
+
+def tokens_for(frames: int, height: int, width: int) -> int:
+    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+def natural_clip(frames: int, height: int, width: int) -> np.ndarray:
+    """A camera pan over a smooth textured scene: compresses like real footage, unlike noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0 : height + 2 * frames, 0 : width + 2 * frames].astype(np.float32)
+    base = np.stack(
+        [0.5 + 0.3 * np.sin(xx / 60 + yy / 90), 0.5 + 0.3 * np.cos(yy / 70), 0.4 + 0.2 * np.sin((xx + yy) / 110)], -1
+    )
+    base = np.clip(base + rng.normal(0, 0.03, base.shape[:2] + (1,)).astype(np.float32), 0, 1)
+    return np.stack([base[i : i + height, 2 * i : 2 * i + width] for i in range(frames)])
+
+
+def png_data_uri(width: int, height: int, color: tuple[int, int, int]) -> str:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    arr = np.zeros((height, width, 3), np.uint8)
+    arr[..., 0] = (color[0] + xx * 97 // max(width, 1)) % 256
+    arr[..., 1] = (color[1] + yy * 89 // max(height, 1)) % 256
+    arr[..., 2] = color[2]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def versions() -> dict[str, Any]:
+    out: dict[str, Any] = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "triton", "imageio_ffmpeg", "boto3"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        out.update(
+            device=torch.cuda.get_device_name(0),
+            device_memory_gib=r(props.total_memory / GiB, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    else:
+        out["device"] = "cpu"
+    out["cpu_count"] = os.cpu_count()
+    try:
+        import imageio_ffmpeg
+
+        out["ffmpeg"] = imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as exc:  # noqa: BLE001
+        out["ffmpeg"] = f"missing: {exc}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# model writing
+
+
+def _umt5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(c), -2.0) for c in range(33, 127)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _qwen_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer whose vocabulary covers every id the model can emit."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab: dict[str, int] = {ch: i for i, ch in enumerate(alphabet)}
+    n_regular = vocab_size - len(specials)
+    for a in alphabet:
+        for b in alphabet:
+            if len(vocab) >= n_regular:
+                break
+            vocab.setdefault(a + b, len(vocab))
+    i = 0
+    while len(vocab) < n_regular:  # three-symbol pieces for the rest
+        a, b, c = alphabet[i % 256], alphabet[(i // 256) % 256], alphabet[(i // 65536) % 256]
+        vocab.setdefault(a + b + c, len(vocab))
+        i += 1
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return tok
+
+
+def _scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
+    )
+
+
+@contextlib.contextmanager
+def _build_on(device: str, dtype):
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace", "qwen")) -> dict[str, Any]:
+    """Random weights of the real architectures, saved as the real checkpoints are laid out."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report: dict[str, Any] = {}
+    models_dir.mkdir(parents=True, exist_ok=True)
+    targets = {"t2v": models_dir / Path(T2V_REPO).name, "vace": models_dir / Path(VACE_REPO).name, "qwen": models_dir / Path(QWEN_REPO).name}
+    for name in which:
+        target = targets[name]
+        if (target / ".complete").exists():
+            report[name] = {"path": str(target), "reused": True, "gib_on_disk": r(_dir_bytes(target) / GiB, 2)}
+            continue
+        shutil.rmtree(target, ignore_errors=True)
+        started = now()
+        torch.manual_seed(0)
+        if name == "t2v":
+            from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+            from transformers import UMT5Config, UMT5EncoderModel
+
+            with _build_on(device, torch.bfloat16):
+                transformer = WanTransformer3DModel(**WAN_TRANSFORMER)
+                encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval()
+            with _build_on(device, torch.float32):
+                vae = AutoencoderKLWan()
+            pipe = WanPipeline(tokenizer=_umt5_tokenizer(), text_encoder=encoder, vae=vae, scheduler=_scheduler(), transformer=transformer)
+            pipe.save_pretrained(target)
+            del pipe, transformer, encoder, vae
+        elif name == "vace":
+            from diffusers import WanVACETransformer3DModel
+
+            with _build_on(device, torch.bfloat16):
+                transformer = WanVACETransformer3DModel(**WAN_TRANSFORMER, **VACE_EXTRA)
+            transformer.save_pretrained(target / "transformer")
+            (target / "model_index.json").write_text(json.dumps({"_class_name": "WanVACEPipeline", "note": "bench: transformer only"}))
+            del transformer
+        else:
+            from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+            tok = _qwen_tokenizer(QWEN_7B["vocab_size"])
+            eos = tok.convert_tokens_to_ids("<|endoftext|>")
+            with _build_on(device, torch.bfloat16):
+                model = Qwen2ForCausalLM(Qwen2Config(**QWEN_7B, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)).eval()
+            model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
+            model.save_pretrained(target)
+            tok.save_pretrained(target)
+            del model
+        free_cuda()
+        (target / ".complete").touch()
+        report[name] = {"path": str(target), "seconds": r(now() - started, 1), "gib_on_disk": r(_dir_bytes(target) / GiB, 2)}
+    return report
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# S3 (SeaweedFS) for the upload stage
+
+
+class LocalS3:
+    KEY, SECRET, BUCKET = "bench-access-key", "bench-secret-key-0123456789", "workspace-temp"
+
+    def __init__(self, root: Path, weed: str) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        config = root / "s3.json"
+        config.write_text(json.dumps({"identities": [{"name": "bench", "credentials": [{"accessKey": self.KEY, "secretKey": self.SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        ports = [_free_port() for _ in range(4)]
+        self.port = ports[3]
+        self.proc = subprocess.Popen(
+            [weed, "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={ports[0]}",
+             f"-volume.port={ports[1]}", "-filer", f"-filer.port={ports[2]}", "-s3", f"-s3.port={ports[3]}",
+             f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=8"],
+            stdout=subprocess.DEVNULL, stderr=open(root / "weed.log", "wb"), start_new_session=True,
+        )
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.KEY, aws_secret_access_key=self.SECRET, region_name="us-east-1")
+        while True:
+            try:
+                client.create_bucket(Bucket=self.BUCKET)
+                break
+            except Exception as exc:  # noqa: BLE001 - the filer takes a few seconds
+                if "BucketAlready" in str(exc):
+                    break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not come up: {exc}") from None
+                time.sleep(0.5)
+
+    def settings(self) -> dict[str, Any]:
+        return dict(bucket_endpoint_url=self.endpoint, bucket_access_key_id=self.KEY, bucket_secret_access_key=self.SECRET, bucket_name=self.BUCKET)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            import signal
+
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def _free_port() -> int:
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 55536:
+            continue
+        with socket.socket() as twin:
+            try:
+                twin.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def find_weed() -> str | None:
+    found = os.environ.get("WEED_BIN") or shutil.which("weed")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "weed"
+    return str(candidate) if candidate.exists() else None
+
+
+# --------------------------------------------------------------------------------------------
+# instrumentation of the real job path
+
+
+class StepClock:
+    """Synchronised timestamps of every denoising step, taken from the worker's own callback."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self.started: float | None = None
+
+    def progress_class(self):
+        from .progress import Progress
+
+        clock = self
+
+        class TimedProgress(Progress):
+            def enter(self, stage: str, **extra: Any) -> None:
+                if stage == "generating":
+                    clock.marks = []
+                super().enter(stage, **extra)
+
+            def step(self, current: int, total: int) -> None:
+                sync()
+                clock.marks.append(now())
+                super().step(current, total)
+
+        return TimedProgress
+
+
+@contextlib.contextmanager
+def instrumented(worker, clock: StepClock, captured: dict):
+    """Patch the worker module's Progress (step clock) and encode (frame capture) for one run."""
+    from . import worker as worker_module
+
+    real_encode, real_progress = worker_module.encode, worker_module.Progress
+    real_encode_prompt = worker.generator.encode_prompt
+
+    def encode(frames, out_dir, **kwargs):
+        sync()
+        captured["decoded_at"] = now()
+        captured["frames"] = frames
+        return real_encode(frames, out_dir, **kwargs)
+
+    def encode_prompt(job, prompt):
+        sync()
+        t = now()
+        out = real_encode_prompt(job, prompt)
+        sync()
+        captured["text_encoding_s"] = now() - t
+        captured["text_encoded_at"] = now()
+        return out
+
+    worker_module.encode, worker_module.Progress = encode, clock.progress_class()
+    worker.generator.encode_prompt = encode_prompt
+    try:
+        yield
+    finally:
+        worker_module.encode, worker_module.Progress = real_encode, real_progress
+        worker.generator.encode_prompt = real_encode_prompt
+
+
+def run_job(worker, job: dict, clock: StepClock | None = None) -> dict[str, Any]:
+    """``Worker.handle`` on one job, with stage and per-step timings and the decoded frames."""
+    clock = clock or StepClock()
+    captured: dict[str, Any] = {}
+    sent: list = []
+    reset_peak()
+    with instrumented(worker, clock, captured):
+        sync()
+        started = now()
+        output = worker.handle({"id": job.get("id", "bench"), "input": job}, send=sent.append)
+        total = now() - started
+    meta = output.get("metadata") or {}
+    steps = np.diff([captured.get("text_encoded_at", started), *clock.marks]).tolist() if clock.marks else []
+    result: dict[str, Any] = {
+        "status": output.get("status", "failed"),
+        "error": output.get("error"),
+        "total_s": r(total),
+        "text_encoding_s": r(captured.get("text_encoding_s")),
+        "steps": len(steps),
+        "step_s": [r(s, 4) for s in steps],
+        "step_median_s": r(float(np.median(steps)), 4) if steps else None,
+        "denoising_s": r(sum(steps)) if steps else None,
+        "vae_decode_and_postprocess_s": r(captured["decoded_at"] - clock.marks[-1]) if clock.marks and "decoded_at" in captured else None,
+        "worker_timings": meta.get("timings"),
+        "peak_vram_gib": gpu_peak_gib(),
+        "file_size_bytes": ((output.get("assets") or [{}])[0].get("metadata") or {}).get("file_size_bytes"),
+        "step_cache": meta.get("step_cache"),
+    }
+    if result["status"] != "completed":
+        result["output"] = {k: v for k, v in output.items() if k not in ("assets",)}
+    result["_frames"] = captured.get("frames")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# the harness
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tiny = args.tiny
+        self.out_path = Path(args.out) if args.out else None
+        self.work = Path(args.work_dir or tempfile.mkdtemp(prefix="wan-bench-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.models_dir = Path(args.models_dir) if args.models_dir else self.work / "models"
+        self.tiny_dir = Path(args.tiny_models_dir) if args.tiny_models_dir else self.models_dir / "tiny"
+        if self.tiny:
+            self.height, self.width, self.frames, self.steps = 256, 256, 9, 2
+        else:
+            self.height, self.width, self.frames, self.steps = args.height, args.width, args.frames, args.steps
+        self.guidance = 6.5  # video_fast's preset
+        self.result: dict[str, Any] = {
+            "command": " ".join([Path(sys.executable).name, "-m", "wan_worker.bench", *sys.argv[1:]]),
+            "mode": "tiny" if self.tiny else "full",
+            "shape": {"frames": self.frames, "height": self.height, "width": self.width, "steps": self.steps, "guidance_scale": self.guidance},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "sections": {},
+        }
+        self.frames_ref: np.ndarray | None = None
+        self.frames_worker: np.ndarray | None = None
+        self.s3: LocalS3 | None = None
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if self.out_path:
+            self.out_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.out_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.result, indent=1, default=str))
+            tmp.replace(self.out_path)
+
+    def section(self, name: str, fn) -> None:
+        wanted = self.args.sections
+        if wanted and name not in wanted:
+            return
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        started = now()
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others
+            value = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+        if isinstance(value, dict):
+            value.setdefault("section_seconds", r(now() - started, 1))
+        self.result["sections"][name] = value
+        print(f"[bench] {name} done in {now() - started:.1f}s", file=sys.stderr, flush=True)
+        self.save()
+        free_cuda()
+
+    def settings(self, **overrides):
+        from .settings import Settings
+
+        base: dict[str, Any] = dict(models_dir=self.models_dir, work_dir=self.work, log_level="WARNING", job_timeout_s=3600)
+        if self.tiny:
+            base.update(model_profile="tiny", tiny_models_dir=self.tiny_dir)
+        if self.s3 is not None:
+            base.update(self.s3.settings())
+        else:
+            base.update(inline_max_bytes=1 << 30)  # no S3: assets come back inline
+        base.update(overrides)
+        return Settings(**base)
+
+    def job(self, **extra) -> dict[str, Any]:
+        job = {
+            "job_type": "video_fast", "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED,
+            "width": self.width, "height": self.height, "frame_num": self.frames, "step_cache": "off",
+            "config": {"num_inference_steps": self.steps, "sample_shift": 5.0}, "user_id": "bench",
+        }
+        job.update(extra)
+        return job
+
+    def t2v_dir(self) -> Path:
+        if self.tiny:
+            from .tiny import T2V_DIR
+
+            return self.tiny_dir / T2V_DIR
+        return self.models_dir / Path(T2V_REPO).name
+
+    # -- sections --------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        import torch
+
+        self.result["versions"] = versions()
+        self.save()
+        if not self.tiny and not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: use --tiny for the CPU smoke test")
+        order = ["write_models", "s3_server", "cold_start", "attention", "transformer", "vae", "reference", "worker",
+                 "cpu_stages", "qwen", "residency", "scaling"]
+        if self.args.s3 != "weed":
+            order.remove("s3_server")
+        if self.args.sections:  # the caller's order, so the most wanted numbers come first
+            order = [n for n in self.args.section_order if n in order]
+        for name in order:
+            self.section(name, getattr(self, {"s3_server": "start_s3", "worker": "worker_runs"}.get(name, name)))
+        if self.s3 is not None:
+            self.s3.stop()
+        self.result["summary"] = self.summary()
+        self.result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.save()
+        return self.result
+
+    def write_models(self) -> dict[str, Any]:
+        if self.tiny:
+            from .tiny import ensure_tiny_models
+
+            started = now()
+            ensure_tiny_models(self.tiny_dir)
+            return {"profile": "tiny", "seconds": r(now() - started, 1)}
+        which = tuple(w for w in ("t2v", "vace", "qwen") if w in self.args.models)
+        return write_full_models(self.models_dir, which)
+
+    def start_s3(self) -> dict[str, Any]:
+        weed = find_weed()
+        if not weed:
+            return {"available": False, "substitute": "inline base64 (no S3 server binary found)"}
+        started = now()
+        self.s3 = LocalS3(self.work / "seaweedfs", weed)
+        return {"available": True, "binary": weed, "startup_s": r(now() - started, 2), "endpoint": self.s3.endpoint}
+
+    def _child_env(self, settings) -> dict[str, str]:
+        env = dict(os.environ)
+        for key, value in settings.model_dump().items():
+            if value is None or key in ("hf_token", "runpod_ai_api_key"):
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            env[key.upper()] = str(value)
+        env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        return env
+
+    def _cold_child(self, env: dict[str, str]) -> dict[str, Any]:
+        dropped = drop_page_cache()
+        cmd = [sys.executable, "-m", "wan_worker.bench", "--child", "cold_start", "--height", str(self.height),
+               "--width", str(self.width), "--frames", str(self.frames)]
+        started = now()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        wall = now() - started
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            return {"error": f"child exited {proc.returncode}", "stderr": proc.stderr[-3000:]}
+        out = json.loads(lines[-1])
+        out.update(page_cache_dropped=dropped, wall_s_from_parent=r(wall, 2))
+        return out
+
+    def cold_start(self) -> dict[str, Any]:
+        """A fresh worker process until ready: first start (empty compile cache), then a restart."""
+        env = self._child_env(self.settings())
+        env["WARMUP_ON_START"] = "1"
+        cache = self.work / "inductor-cache-cold"
+        shutil.rmtree(cache, ignore_errors=True)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        first = self._cold_child(env)
+        out = dict(first)
+        if not self.tiny and "error" not in first:
+            out["restart_with_compile_cache"] = self._cold_child(env)
+        return out
+
+    def attention(self) -> dict[str, Any]:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"skipped": "needs CUDA"}
+        from .accel import enable_fa3, measure_attention_backends
+
+        return {"fa3_available": enable_fa3(), "tokens": tokens_for(self.frames, self.height, self.width),
+                "backends": measure_attention_backends(tokens_for(self.frames, self.height, self.width))}
+
+    def _load_transformer(self, cls_name: str = "WanTransformer3DModel", path: Path | None = None):
+        import diffusers
+        import torch
+
+        cls = getattr(diffusers, cls_name)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls.from_pretrained(path or self.t2v_dir(), subfolder="transformer", dtype=torch.bfloat16).to(device)
+
+    def _time_forward(self, transformer, frames: int, height: int, width: int, reps: int = 3) -> dict[str, Any]:
+        import torch
+
+        from .accel import transformer_dummy_inputs
+
+        device = next(transformer.parameters()).device
+        inputs = transformer_dummy_inputs(transformer, height, width, frames, device)
+        with torch.inference_mode():
+            sync()
+            t = now()
+            out = transformer(**inputs)[0]
+            sync()
+            first = now() - t
+            times = []
+            for _ in range(reps):
+                t = now()
+                transformer(**inputs)
+                sync()
+                times.append(now() - t)
+        tokens = tokens_for(frames, height, width)
+        layers = transformer.config.num_layers
+        dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        flops = transformer_flops(tokens, dim=dim, ffn=transformer.config.ffn_dim, layers=layers)
+        med = float(np.median(times))
+        return {"first_call_s": r(first, 2), "forward_s": r(med, 4), "tflops": r(flops / med / 1e12, 1),
+                "tokens": tokens, "analytic_tflop": r(flops / 1e12, 1), "_out": out.float().cpu()}
+
+    def transformer(self) -> dict[str, Any]:
+        """One forward at the job shape per configuration; outputs compared with eager native."""
+        import torch
+
+        from .accel import ATTENTION_CANDIDATES, REPORT, compile_blocks, enable_fa3
+
+        frames, height, width = self.frames, self.height, self.width
+        results: dict[str, Any] = {}
+        cuda = torch.cuda.is_available()
+        transformer = self._load_transformer()
+        results["eager_native"] = base = self._time_forward(transformer, frames, height, width)
+        ref = base.pop("_out")
+        best = None
+        if cuda:
+            enable_fa3()
+            timings = self.result["sections"].get("attention", {}).get("backends", {})
+            usable = {n: v["seconds"] for n, v in timings.items() if v.get("ok")}
+            best = min(usable, key=usable.get) if usable else None
+            for name in [c for c in ATTENTION_CANDIDATES if c in usable and c != "native"][:3]:
+                try:
+                    transformer.set_attention_backend(name)
+                    res = self._time_forward(transformer, frames, height, width)
+                    res["rel_err_vs_native"] = r(float((res.pop("_out") - ref).norm() / ref.norm()), 5)
+                    results[f"eager_{name}"] = res
+                except Exception as exc:  # noqa: BLE001
+                    results[f"eager_{name}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            transformer.set_attention_backend(best or "native")
+            fastest = {k: v["forward_s"] for k, v in results.items() if "forward_s" in v}
+            if fastest:
+                best_eager = min(fastest, key=fastest.get)
+                best = best_eager.removeprefix("eager_") if best_eager != "eager_native" else "native"
+            transformer.set_attention_backend(best or "native")
+            results["best_attention_backend"] = best
+            if not self.args.no_compile:
+                compile_blocks(transformer)
+                res = self._time_forward(transformer, frames, height, width)
+                res["rel_err_vs_native"] = r(float((res.pop("_out") - ref).norm() / ref.norm()), 5)
+                results[f"compiled_{best}"] = res
+                try:
+                    transformer.fuse_qkv_projections()
+                    res = self._time_forward(transformer, frames, height, width)
+                    res["rel_err_vs_native"] = r(float((res.pop("_out") - ref).norm() / ref.norm()), 5)
+                    results[f"compiled_{best}_fused_qkv"] = res
+                except Exception as exc:  # noqa: BLE001
+                    results[f"compiled_{best}_fused_qkv"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        results["accel_report"] = {k: v for k, v in REPORT.items() if k != "transformers"}
+        del transformer
+        return results
+
+    def vae(self) -> dict[str, Any]:
+        """Decode one latent video with each precision/setting; PSNR against fp32."""
+        import torch
+        from diffusers import AutoencoderKLWan
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = self.t2v_dir()
+        lat_frames = (self.frames - 1) // 4 + 1
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        latents = torch.randn(1, 16, lat_frames, self.height // 8, self.width // 8, generator=gen)
+        results: dict[str, Any] = {}
+        outputs: dict[str, np.ndarray] = {}
+        variants = [("fp32", torch.float32, False, False), ("bf16", torch.bfloat16, False, False)]
+        if device == "cuda":
+            variants += [("bf16_cudnn_benchmark", torch.bfloat16, True, False), ("bf16_channels_last", torch.bfloat16, False, True),
+                         ("bf16_channels_last_cudnn_benchmark", torch.bfloat16, True, True), ("fp32_channels_last", torch.float32, False, True)]
+        for name, dtype, bench, channels_last in variants:
+            try:
+                torch.backends.cudnn.benchmark = bench
+                vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
+                if channels_last:
+                    from .accel import vae_channels_last
+
+                    vae_channels_last(vae)
+                x = latents.to(device, dtype)
+                times = []
+                reset_peak()
+                with torch.inference_mode():
+                    for _ in range(2 if device == "cuda" else 1):
+                        sync()
+                        t = now()
+                        video = vae.decode(x, return_dict=False)[0]
+                        sync()
+                        times.append(now() - t)
+                frames = ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu().numpy()
+                outputs[name] = frames
+                results[name] = {"first_s": r(times[0]), "decode_s": r(times[-1]), "peak_gib": gpu_peak_gib(),
+                                 "psnr_vs_fp32": psnr(frames, outputs.get("fp32"))}
+                del vae, video, x
+                free_cuda()
+            except Exception as exc:  # noqa: BLE001
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        torch.backends.cudnn.benchmark = False
+        results["note"] = "random latents through the real VAE config; frames in [0,1]"
+        return results
+
+    def reference(self) -> dict[str, Any]:
+        """Plain diffusers WanPipeline, eager, FACTS' dtypes (VAE fp32), same weights/prompt/seed."""
+        import torch
+        from diffusers import UniPCMultistepScheduler, WanPipeline
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        started = now()
+        pipe = WanPipeline.from_pretrained(
+            self.t2v_dir(), local_files_only=True,
+            dtype={"transformer": torch.bfloat16, "text_encoder": torch.bfloat16, "vae": torch.float32, "default": torch.bfloat16},
+        ).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=5.0)
+        load_s = now() - started
+        marks: list[float] = []
+
+        def on_step(p, i, t, kwargs):
+            sync()
+            marks.append(now())
+            return {}
+
+        def call(steps: int):
+            return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=self.height, width=self.width, num_frames=self.frames,
+                        num_inference_steps=steps, guidance_scale=self.guidance, output_type="np",
+                        generator=torch.Generator(device=device).manual_seed(SEED), callback_on_step_end=on_step)
+
+        call(1)  # warm-up: kernels, cuDNN handles
+        marks.clear()
+        reset_peak()
+        sync()
+        t0 = now()
+        out = call(self.steps)
+        sync()
+        total = now() - t0
+        self.frames_ref = np.asarray(out.frames[0], dtype=np.float32)
+        np.save(self.work / "reference_frames.npy", self.frames_ref.astype(np.float16))  # for a later run's PSNR
+        steps = np.diff([t0, *marks])
+        res = {
+            "load_s": r(load_s, 2), "total_s": r(total), "steps": len(marks),
+            "step_median_s": r(float(np.median(steps[1:])) if len(steps) > 1 else float(steps[0]), 4),
+            "first_step_incl_text_encoding_s": r(steps[0]),
+            "denoising_s": r(marks[-1] - t0), "vae_decode_and_postprocess_s": r(t0 + total - marks[-1]),
+            "peak_vram_gib": gpu_peak_gib(), "frames_shape": list(self.frames_ref.shape),
+            "frames_finite": bool(np.isfinite(self.frames_ref).all()), "frames_std": r(float(self.frames_ref.std()), 4),
+        }
+        tokens = tokens_for(self.frames, self.height, self.width)
+        if len(steps) > 1:
+            res["tflops_per_step"] = r(2 * config_flops(pipe.transformer.config, tokens) / float(np.median(steps[1:])) / 1e12, 1)
+        del pipe, out
+        return res
+
+    def worker_runs(self) -> dict[str, Any]:
+        """The worker's job path: uncached (vs reference) and with the step cache (vs uncached)."""
+        from .accel import REPORT, warm_transformer
+        from .worker import Worker
+
+        res: dict[str, Any] = {}
+        started = now()
+        worker = Worker(self.settings())
+        worker.manager.encoder_pipe()
+        res["load_s"] = r(now() - started, 2)
+        pipe = worker.manager.pipeline("t2v")
+        t = now()
+        warm_transformer(pipe.transformer, self.height, self.width, self.frames)
+        res["warm_compile_s"] = r(now() - t, 2)
+        warm = run_job(worker, self.job(id="warm", config={"num_inference_steps": 2, "sample_shift": 5.0}))
+        warm.pop("_frames", None)
+        res["warm_job"] = {k: warm[k] for k in ("status", "total_s", "error") if k in warm}
+
+        if self.frames_ref is None and (self.work / "reference_frames.npy").exists():
+            self.frames_ref = np.load(self.work / "reference_frames.npy").astype(np.float32)
+            res["reference_frames"] = "from an earlier run's reference section (float16 on disk)"
+        uncached = run_job(worker, self.job(id="uncached", step_cache="off"))
+        self.frames_worker = uncached.pop("_frames", None)
+        uncached["psnr_vs_reference_db"] = psnr(self.frames_worker, self.frames_ref)
+        tokens = tokens_for(self.frames, self.height, self.width)
+        if uncached.get("step_median_s"):
+            flops = 2 * config_flops(pipe.transformer.config, tokens)  # CFG: two forwards a step
+            uncached["tflops_per_step"] = r(flops / uncached["step_median_s"] / 1e12, 1)
+        res["uncached"] = uncached
+
+        thresholds = [float(x) for x in self.args.cache_thresholds.split(",") if x]
+        default = worker.settings.step_cache_threshold
+        for threshold in thresholds:
+            worker.generator.settings = worker.settings.model_copy(update={"step_cache_threshold": threshold})
+            run = run_job(worker, self.job(id=f"cached-{threshold:g}", step_cache="on"))
+            frames = run.pop("_frames", None)
+            run["psnr_vs_uncached_db"] = psnr(frames, self.frames_worker)
+            run["psnr_vs_reference_db"] = psnr(frames, self.frames_ref)
+            if uncached.get("step_median_s") and run.get("step_s"):
+                # a step whose blocks were skipped costs about one block instead of thirty
+                run["steps_served_from_cache"] = sum(1 for x in run["step_s"][1:] if x < 0.5 * uncached["step_median_s"])
+            res[f"cached_{threshold:g}" + ("_default" if threshold == default else "")] = run
+        worker.generator.settings = worker.settings
+        res["accel_report"] = {k: v for k, v in REPORT.items()}
+        res["resident"] = worker.manager.memory_report()
+        self._worker = worker
+        return res
+
+    def cpu_stages(self) -> dict[str, Any]:
+        """MP4 + thumbnail + upload, per x264 preset, on the decoded frames and on natural footage."""
+        from . import media
+        from .storage import Storage
+
+        worker = getattr(self, "_worker", None)
+        storage = worker.storage if worker is not None else Storage(self.settings())
+        clips = {"natural_clip": natural_clip(self.frames, self.height, self.width)}
+        if self.frames_worker is not None:
+            clips["decoded_frames"] = self.frames_worker
+        presets = self.args.x264_presets.split(",")
+        results: dict[str, Any] = {"upload_target": "seaweedfs" if self.s3 else "inline (no S3 server)", "cpu_count": os.cpu_count()}
+        original = media.X264_PRESET
+        import imageio.v2 as imageio
+
+        try:
+            for clip_name, frames in clips.items():
+                for preset in presets:
+                    media.X264_PRESET = preset
+                    runs = []
+                    for rep in range(2):
+                        with tempfile.TemporaryDirectory(dir=self.work) as tmp:
+                            t = now()
+                            enc = media.encode(frames, Path(tmp), as_video=True, fps=16)
+                            t_enc = now() - t
+                            t = now()
+                            storage.store([(enc.path, f"bench/{clip_name}-{preset}-{rep}/0.mp4", enc.content_type),
+                                           (enc.thumbnail_path, f"bench/{clip_name}-{preset}-{rep}/0.thumb.webp", "image/webp")])
+                            t_up = now() - t
+                            size = enc.path.stat().st_size
+                            quality = None
+                            if rep == 0:
+                                decoded = np.stack([f for f in imageio.get_reader(enc.path)])
+                                quality = psnr(decoded, media.to_uint8(frames))
+                        runs.append((t_enc, t_up, size, quality))
+                    t_enc, t_up, size, quality = runs[-1]
+                    results[f"{clip_name}/{preset}"] = {"encode_s": r(t_enc), "upload_s": r(t_up), "total_s": r(t_enc + t_up),
+                                                        "mp4_bytes": size, "mp4_psnr_db": runs[0][3]}
+        finally:
+            media.X264_PRESET = original
+        return results
+
+    def qwen(self) -> dict[str, Any]:
+        """Qwen load from disk (the worker's path), decode tokens/s eager vs static+compile."""
+        import torch
+
+        from .accel import REPORT
+        from .enhance import DELIMITER, completion_prompt
+        from .models import ModelManager
+
+        res: dict[str, Any] = {"page_cache_dropped": drop_page_cache()}
+        settings = self.settings()
+        manager = ModelManager(settings)
+        t = now()
+        model, tok = manager.qwen()
+        res["load_total_s"] = r(now() - t, 2)
+        res["prepare"] = dict(REPORT.get("qwen", {}))
+        warm = res["prepare"].get("warmup_seconds") or 0.0
+        res["load_from_disk_s"] = r(res["load_total_s"] - warm, 2)
+        ids = tok(completion_prompt(PROMPT, "video7b_fast_enhanced", "fast"), return_tensors="pt").to(model.device)
+        res["prompt_tokens"] = int(ids["input_ids"].shape[1])
+        n = 16 if self.tiny else 200
+
+        def gen(new: int, **kw) -> tuple[float, int]:
+            """Seconds and new tokens of one greedy generate with the enhancer's settings."""
+            sync()
+            t = now()
+            with torch.inference_mode():
+                out = model.generate(**ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, repetition_penalty=1.05,
+                                     stop_strings=[DELIMITER], tokenizer=tok, pad_token_id=tok.pad_token_id, **kw)
+            sync()
+            return now() - t, int(out.shape[1] - ids["input_ids"].shape[1])
+
+        reset_peak()
+        runs = []
+        for _ in range(2):
+            (t1, _), (tn, got) = gen(1), gen(n)
+            runs.append({"prefill_s": r(t1), "new_tokens": got, "generate_s": r(tn), "decode_tok_s": r((got - 1) / (tn - t1), 1)})
+        res["configured"] = {"runs": runs, "decode_tok_s": runs[-1]["decode_tok_s"], "peak_gib": gpu_peak_gib(),
+                             "cache_implementation": model.generation_config.cache_implementation}
+        # eager baseline: dynamic cache, no compile (FACTS' 11.7 tok/s)
+        m = 8 if self.tiny else 40
+        t1, _ = gen(1, disable_compile=True, cache_implementation="dynamic")
+        tn, got = gen(m, disable_compile=True, cache_implementation="dynamic")
+        res["eager_dynamic"] = {"prefill_s": r(t1), "new_tokens": got, "decode_tok_s": r((got - 1) / (tn - t1), 1)}
+        res["speedup"] = r(res["configured"]["decode_tok_s"] / res["eager_dynamic"]["decode_tok_s"], 2)
+        # the real enhancer call (random weights: the text is gibberish; timing is what counts)
+        from .enhance import Enhancer
+
+        enhancer = Enhancer(manager, settings)
+        e = enhancer.enhance(PROMPT + " (bench)", "video7b_fast_enhanced", "fast")
+        res["enhance_call"] = {"seconds": r(e.enhancement_time, 2), "new_tokens": e.new_tokens, "applied": e.enhancement_applied, "reason": e.reason}
+        del model, manager, enhancer
+        return res
+
+    def residency(self) -> dict[str, Any]:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"skipped": "needs CUDA"}
+        env = self._child_env(self.settings(gpu_memory_budget_gb=self.args.budget_gib))
+        cmd = [sys.executable, "-m", "wan_worker.bench", "--child", "residency", "--card-gb", str(self.args.card_gb),
+               "--residency-steps", str(self.args.residency_steps)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if not lines:
+            return {"error": f"child exited {proc.returncode}", "stderr": proc.stderr[-4000:]}
+        out = json.loads(lines[-1])
+        out["child_exit"] = proc.returncode
+        return out
+
+    def scaling(self) -> dict[str, Any]:
+        """Transformer forward vs shape (eager, best attention backend) and the attention share."""
+        import torch
+
+        from .accel import enable_fa3
+
+        cuda = torch.cuda.is_available()
+        transformer = self._load_transformer()
+        best = self.result["sections"].get("transformer", {}).get("best_attention_backend")
+        if cuda and not best:
+            from .accel import resolve_attention_backend
+
+            best = resolve_attention_backend(self.settings())
+        if cuda and best and best != "native":
+            enable_fa3()
+            transformer.set_attention_backend(best)
+        shapes = [(9, 256, 256), (17, 256, 256)] if self.tiny else [(17, 832, 480), (33, 832, 480), (49, 832, 480), (81, 832, 480), (33, 1280, 720), (81, 1280, 720)]
+        rows = []
+        for frames, height, width in shapes:
+            res = self._time_forward(transformer, frames, height, width, reps=2)
+            res.pop("_out", None)
+            tokens = res["tokens"]
+            row = {"frames": frames, "height": height, "width": width, **res,
+                   "attention_flop_share": r(attention_flops(tokens) / transformer_flops(tokens), 3)}
+            if cuda:
+                from .accel import _time_attention
+
+                q, k, v = (torch.randn(1, tokens, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                seconds, _ = _time_attention(best or "native", q, k, v, None)
+                row["attention_s_per_forward"] = r(30 * seconds, 4)
+                row["attention_time_share"] = r(30 * seconds / res["forward_s"], 3)
+                del q, k, v
+            rows.append(row)
+        base = rows[0]
+        for row in rows:
+            row["time_vs_first"] = r(row["forward_s"] / base["forward_s"], 2)
+            row["tokens_vs_first"] = r(row["tokens"] / base["tokens"], 2)
+        del transformer
+        return {"backend": best or "native", "rows": rows}
+
+    # -- summary ---------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        s = self.result["sections"]
+        w, ref = s.get("worker", {}), s.get("reference", {})
+        un = w.get("uncached", {})
+        cached = {k: v for k, v in w.items() if k.startswith("cached_")}
+        default_cached = next((v for k, v in cached.items() if k.endswith("_default")), None) or next(iter(cached.values()), {})
+        vae = s.get("vae", {})
+        cpu = s.get("cpu_stages", {})
+        tr = s.get("transformer", {})
+        best_tflops = max((v.get("tflops", 0) for v in tr.values() if isinstance(v, dict)), default=None)
+        q = s.get("qwen", {})
+        res = s.get("residency", {})
+        out = {
+            "1_video_fast_uncached_end_to_end_s": un.get("total_s"),
+            "1_reference_pipeline_s": ref.get("total_s"),
+            "1_speedup_vs_reference": r(ref["total_s"] / un["total_s"], 2) if ref.get("total_s") and un.get("total_s") else None,
+            "2_transformer_best_tflops": best_tflops,
+            "2_in_job_tflops_per_step": un.get("tflops_per_step"),
+            "3_video_fast_cached_end_to_end_s": default_cached.get("total_s"),
+            "3_cached_psnr_vs_uncached_db": default_cached.get("psnr_vs_uncached_db"),
+            "4_vae_decode_s": {k: v.get("decode_s") for k, v in vae.items() if isinstance(v, dict) and "decode_s" in v},
+            "5_cpu_stages_s": {k: v.get("total_s") for k, v in cpu.items() if isinstance(v, dict) and "total_s" in v},
+            "6_cold_start_ready_s": s.get("cold_start", {}).get("ready_s"),
+            "fidelity_psnr_vs_reference_db": un.get("psnr_vs_reference_db"),
+            "qwen_decode_tok_s": (q.get("configured") or {}).get("decode_tok_s"),
+            "qwen_load_from_disk_s": q.get("load_from_disk_s"),
+            "residency_peak_gib": res.get("overall_peak_gib"),
+        }
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# child processes (fresh CUDA context, clean memory statistics)
+
+
+def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+
+    t_proc = psutil.Process().create_time()
+
+    def since() -> float:
+        return round(time.time() - t_proc, 2)
+
+    marks: dict[str, Any] = {"interpreter_start_to_main_s": since()}
+    import torch  # noqa: F401
+
+    from . import worker as worker_module
+
+    marks["imports_s"] = since()
+    config = worker_module.serverless_config() if hasattr(worker_module, "serverless_config") else None
+    w = worker_module.get_worker()
+    if config is None or not w.manager.wan_loaded:
+        w.manager.encoder_pipe()
+    marks["models_loaded_s"] = since()
+    marks["load_seconds"] = {k: round(v, 2) for k, v in w.manager.load_seconds.items()}
+    from .accel import REPORT, warm_transformer
+
+    pipe = w.manager.pipeline("t2v")
+    if torch.cuda.is_available():
+        warm_transformer(pipe.transformer, args.height, args.width, args.frames)
+    marks["ready_s"] = since()
+    marks["warm_compile_s"] = round(marks["ready_s"] - marks["models_loaded_s"], 2)
+    marks["compile_enabled"] = w.settings.compile_transformer
+    marks["attention_backend"] = REPORT.get("attention_backend")
+    marks["peak_gib"] = gpu_peak_gib()
+    return marks
+
+
+def child_residency(args: argparse.Namespace) -> dict[str, Any]:
+    """All job types and reference modes under a 48 GB cap and the 44 GiB budget."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = min(1.0, args.card_gb * 1e9 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    from .worker import get_worker
+
+    worker = get_worker()
+    enhancer_peaks: list[float] = []
+    real_enhance = worker.enhancer.enhance
+
+    def enhance(*a, **kw):
+        out = real_enhance(*a, **kw)
+        enhancer_peaks.append(torch.cuda.max_memory_allocated() / GiB)
+        return out
+
+    worker.enhancer.enhance = enhance
+    w, h = 480, 832
+    img = {"single": png_data_uri(w, h, (200, 40, 40)), "start": png_data_uri(w, h, (40, 200, 40)), "end": png_data_uri(w, h, (40, 40, 200))}
+    steps = {"num_inference_steps": args.residency_steps}
+    jobs: list[tuple[str, dict]] = []
+    for jt in ("image_fast", "image_high", "video_fast", "video_high",
+               "image7b_fast_enhanced", "image7b_high_enhanced", "video7b_fast_enhanced", "video7b_high_enhanced"):
+        jobs.append((jt, {"job_type": jt}))
+    jobs += [
+        ("video_fast+single", {"job_type": "video_fast", "reference_mode": "single", "reference_image_url": img["single"]}),
+        ("video_fast+start", {"job_type": "video_fast", "reference_mode": "start", "first_frame": img["start"]}),
+        ("video_fast+end", {"job_type": "video_fast", "reference_mode": "end", "last_frame": img["end"]}),
+        ("video_high+both", {"job_type": "video_high", "reference_mode": "both", "first_frame": img["start"], "last_frame": img["end"]}),
+        ("video7b_high_enhanced+both", {"job_type": "video7b_high_enhanced", "reference_mode": "both", "first_frame": img["start"], "last_frame": img["end"]}),
+        ("image_fast+single", {"job_type": "image_fast", "reference_mode": "single", "reference_image_url": img["single"]}),
+        ("image_high+start", {"job_type": "image_high", "reference_mode": "start", "first_frame": img["start"]}),
+        ("image7b_high_enhanced+single", {"job_type": "image7b_high_enhanced", "reference_mode": "single", "reference_image_url": img["single"], "metadata": {"exact_copy_mode": True}}),
+    ]
+    rows = []
+    overall = 0.0
+    for name, spec in jobs:
+        job = {"prompt": PROMPT, "seed": SEED, "strict_references": True, "config": dict(steps), **spec}
+        enhancer_peaks.clear()
+        torch.cuda.reset_peak_memory_stats()
+        t = now()
+        try:
+            out = worker.handle({"id": f"res-{len(rows)}", "input": job}, send=lambda p: None)
+        except Exception as exc:  # noqa: BLE001
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        seconds = now() - t
+        peak = max([torch.cuda.max_memory_allocated() / GiB, *enhancer_peaks])
+        overall = max(overall, peak)
+        meta = out.get("metadata") or {}
+        asset = ((out.get("assets") or [{}])[0].get("metadata")) or {}
+        rows.append({
+            "job": name, "status": out.get("status", "failed"), "error": out.get("error"), "seconds": r(seconds, 1),
+            "peak_gib": r(peak, 2), "pipeline": asset.get("pipeline"), "reference_mode_applied": asset.get("reference_mode_applied"),
+            "frames": asset.get("frames"), "enhancement_applied": meta.get("enhancement_applied"),
+            "enhancement_reason": meta.get("enhancement_reason"), "quality_degraded": meta.get("quality_degraded"),
+            "resident_after": worker.manager.memory_report().get("resident"),
+            "reserved_gib": r(torch.cuda.max_memory_reserved() / GiB, 2),
+        })
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    moves = [{"module": m.module, "to": m.to, "gib": r(m.nbytes / GiB, 2), "s": r(m.seconds, 2)} for m in worker.manager.moves]
+    return {
+        "cap_gb": args.card_gb, "cap_fraction": round(fraction, 4), "budget_gib": worker.settings.gpu_memory_budget_gb,
+        "steps_per_job": args.residency_steps, "overall_peak_gib": r(overall, 2),
+        "all_completed": all(row["status"] == "completed" for row in rows), "jobs": rows, "moves": moves,
+        "module_gib": {n: r(res.nbytes / GiB, 2) for n, res in worker.manager._modules.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m wan_worker.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny profile (CI)")
+    p.add_argument("--out", help="write the JSON here (also printed)")
+    p.add_argument("--work-dir", help="scratch folder (default: a new temp folder)")
+    p.add_argument("--models-dir", help="where the random-weight checkpoints are written / reused")
+    p.add_argument("--tiny-models-dir", help="--tiny: reuse tiny checkpoints here (default: MODELS_DIR/tiny)")
+    p.add_argument("--models", default="t2v,vace,qwen", help="which full-size checkpoints to write")
+    p.add_argument("--sections", default="", help="comma list of sections to run (default: all)")
+    p.add_argument("--s3", choices=["weed", "none"], default="weed", help="upload to a local SeaweedFS, or inline")
+    p.add_argument("--height", type=int, default=832)
+    p.add_argument("--width", type=int, default=480)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cache-thresholds", default="0.08", help="step-cache thresholds to run (comma list)")
+    p.add_argument("--x264-presets", default="medium,fast,veryfast")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled transformer variants")
+    p.add_argument("--budget-gib", type=float, default=44.0)
+    p.add_argument("--card-gb", type=float, default=48.0)
+    p.add_argument("--residency-steps", type=int, default=2)
+    p.add_argument("--child", choices=["cold_start", "residency"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.section_order = [s.strip() for s in args.sections.split(",") if s.strip()]
+    args.sections = set(args.section_order)
+    args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        fn = {"cold_start": child_cold_start, "residency": child_residency}[args.child]
+        print(json.dumps(fn(args), default=str), flush=True)
+        return 0
+    if args.tiny:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = Bench(args).run()
+    print(json.dumps(result.get("summary", {}), indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The benchmark harness's CPU smoke test: ``python -m wan_worker.bench --tiny``.
+
+No timing is asserted (CI machines differ); the test checks that every section ran the
+real job path and reported sane, well-formed numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+SECTIONS_THAT_RUN = ("write_models", "cold_start", "transformer", "vae", "reference", "worker", "cpu_stages", "qwen", "scaling")
+GPU_ONLY = ("attention", "residency")
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0 and math.isfinite(x)
+
+
+def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wan_worker.bench", "--tiny", "--s3", "none", "--out", str(out),
+         "--work-dir", str(tmp_path / "work"), "--tiny-models-dir", str(tiny_models), "--x264-presets", "fast"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "tiny"
+    assert result["versions"]["torch"] and result["versions"]["diffusers"]
+    sections = result["sections"]
+    for name in SECTIONS_THAT_RUN:
+        assert name in sections, name
+        assert "error" not in sections[name], (name, sections[name].get("error"), sections[name].get("traceback"))
+    for name in GPU_ONLY:
+        assert sections[name] == {"skipped": "needs CUDA", "section_seconds": sections[name]["section_seconds"]}
+
+    cold = sections["cold_start"]
+    assert positive(cold["imports_s"]) and cold["ready_s"] >= cold["models_loaded_s"] >= cold["imports_s"]
+
+    ref = sections["reference"]
+    assert ref["steps"] == 2 and ref["frames_finite"] and ref["frames_shape"] == [9, 256, 256, 3]
+
+    worker = sections["worker"]
+    uncached = worker["uncached"]
+    assert uncached["status"] == "completed", uncached
+    assert uncached["steps"] == 2 and len(uncached["step_s"]) == 2 and all(positive(s) for s in uncached["step_s"])
+    for key in ("total_s", "text_encoding_s", "denoising_s", "vae_decode_and_postprocess_s"):
+        assert positive(uncached[key]), key
+    assert uncached["total_s"] >= uncached["denoising_s"]
+    assert set(uncached["worker_timings"]) >= {"text_encoding", "denoising", "vae_decode", "encoding", "uploading", "total"}
+    assert uncached["step_cache"] == {"mode": "off", "threshold": None}
+    # same weights, prompt and seed as plain diffusers: only the VAE precision differs
+    assert uncached["psnr_vs_reference_db"] > 25
+    cached = next(v for k, v in worker.items() if k.startswith("cached_"))
+    assert cached["status"] == "completed" and cached["step_cache"]["mode"] == "on"
+    assert cached["psnr_vs_uncached_db"] > 25
+
+    cpu = sections["cpu_stages"]
+    for clip in ("natural_clip/fast", "decoded_frames/fast"):
+        assert cpu[clip]["mp4_bytes"] > 0 and positive(cpu[clip]["encode_s"]) and cpu[clip]["mp4_psnr_db"] > 25
+
+    vae = sections["vae"]
+    assert vae["fp32"]["psnr_vs_fp32"] == float("inf") or vae["fp32"]["psnr_vs_fp32"] is None or vae["fp32"]["psnr_vs_fp32"] > 99
+    assert positive(vae["bf16"]["decode_s"]) and vae["bf16"]["psnr_vs_fp32"] > 20
+
+    qwen = sections["qwen"]
+    assert positive(qwen["configured"]["decode_tok_s"]) and positive(qwen["eager_dynamic"]["decode_tok_s"])
+    assert qwen["prompt_tokens"] > 100
+
+    rows = sections["scaling"]["rows"]
+    assert [row["frames"] for row in rows] == [9, 17] and rows[1]["tokens"] > rows[0]["tokens"]
+    assert all(0 < row["attention_flop_share"] < 1 for row in rows)
+
+    summary = result["summary"]
+    assert summary["1_video_fast_uncached_end_to_end_s"] == uncached["total_s"]
+    assert summary["fidelity_psnr_vs_reference_db"] == uncached["psnr_vs_reference_db"]
+    assert "residency_peak_gib" in summary and "qwen_decode_tok_s" in summary
