@@ -22,7 +22,7 @@ THUMB_QUALITY = 85
 #: x264 settings: CRF 18 keeps the picture visually lossless; the preset trades encode time
 #: for bitrate at that quality (docs/PERFORMANCE.md has the measured trade-off).
 X264_CRF = 18
-X264_PRESET = "fast"
+X264_PRESET = "medium"
 
 
 @dataclass(frozen=True)

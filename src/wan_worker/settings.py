@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     attention_backend: str | None = "auto"  # "auto": fastest measured; or a diffusers backend name
     fuse_qkv: bool = False
     cudnn_benchmark: bool = True
-    vae_channels_last: bool = False
+    vae_channels_last: bool = True
     step_cache_threshold: float = Field(default=0.08, ge=0, le=1)
 
     # --- storage --------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     enhance_max_new_tokens: int = Field(default=320, ge=16, le=1024)
     enhance_cache_size: int = Field(default=256, ge=0)
     enhance_compile: bool = True  # static cache + CUDA-graph decode, CUDA only (accel.py)
-    enhance_max_cache_len: int = Field(default=4096, ge=256, le=32768)
+    enhance_max_cache_len: int = Field(default=2048, ge=256, le=32768)
 
     # --- jobs, callback, metrics ----------------------------------------------------------
     job_timeout_s: float = Field(default=900.0, gt=0)
