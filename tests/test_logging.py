@@ -56,6 +56,17 @@ def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
+def json_records(text: str) -> list[dict]:
+    """The worker's JSON log records in a process's merged stdout+stderr. The SDK prints a
+    message and its newline in two writes, so a record can start mid-line after one."""
+    decoder, records = json.JSONDecoder(), []
+    for line in text.splitlines():
+        start = line.find('{"ts": ')
+        if start >= 0:
+            records.append(decoder.raw_decode(line[start:])[0])
+    return records
+
+
 def assert_no_secret(text: str, where: str) -> None:
     for name, value in SECRETS.items():
         assert value not in text, f"{name} leaked into {where}"
@@ -137,7 +148,7 @@ def test_no_secret_in_logs_outputs_or_callbacks(secret_run):
 
 
 def test_one_metrics_line_per_job_with_hashed_prompts(secret_run):
-    lines = [json.loads(line) for line in secret_run["logs"].splitlines() if line.startswith("{")]
+    lines = json_records(secret_run["logs"])
     metrics = [r for r in lines if r.get("event") == "job_metrics"]
     generation = [n for n in secret_run["jobs"] if not n.startswith("action:")]
     assert len(metrics) == len(generation)
