@@ -30,16 +30,14 @@ def main() -> None:
     if not args.skip_qwen:
         repos.append(settings.qwen_model)
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    # Only the diffusers/transformers safetensors layout the worker loads.
+    files = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
     for repo in repos:
         target = args.models_dir / Path(repo).name
+        # VACE shares the T2V text encoder and VAE: only its transformer is loaded.
+        patterns = ["model_index.json", "transformer/*"] if repo == settings.vace_model_id else files
         print(f"downloading {repo} -> {target}", flush=True)
-        snapshot_download(
-            repo,
-            local_dir=target,
-            token=token,
-            # Only the diffusers/transformers safetensors layout the worker loads.
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"],
-        )
+        snapshot_download(repo, local_dir=target, token=token, allow_patterns=patterns)
 
 
 if __name__ == "__main__":

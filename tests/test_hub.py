@@ -187,8 +187,10 @@ def test_handler_starts_the_sdk_with_handler_and_concurrency_modifier(monkeypatc
     finally:
         settings_module.get_settings.cache_clear()
         monkeypatch.setattr(worker_module, "_worker", None)
-    # The SDK's default DEBUG level logs whole job outputs (prompts): handler.py sets INFO.
-    assert __import__("os").environ["RUNPOD_LOG_LEVEL"] == "INFO"
+    # The SDK's default DEBUG level logs whole job outputs (prompts): the worker sets INFO.
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    assert RunPodLogger().level == "INFO"
     (config,) = started
     assert config["handler"] is worker_module.handler
     assert config["concurrency_modifier"] is worker_module.concurrency_modifier

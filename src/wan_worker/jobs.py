@@ -71,10 +71,15 @@ class Job:
         return "i2i" if self.kind == "image" else "vace"
 
     def with_quality(self, quality: P.Quality) -> Job:
-        """A copy at another quality preset (the out-of-memory degrade path)."""
+        """A copy at a lower quality preset (the out-of-memory degrade path).
+
+        Steps and guidance only ever go down: a job that asked for fewer steps keeps them.
+        """
         preset = P.QUALITY_PRESETS[quality]
         clone = Job(**{**self.__dict__, "adjustments": list(self.adjustments)})
-        clone.quality, clone.steps, clone.guidance_scale = quality, preset.steps, preset.guidance_scale
+        clone.quality = quality
+        clone.steps = min(self.steps, preset.steps)
+        clone.guidance_scale = min(self.guidance_scale, preset.guidance_scale)
         return clone
 
 

@@ -60,7 +60,7 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def configure(level: str, secrets: list[str]) -> None:
+def configure(level: str, secrets: list[str], runpod_level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactSecrets(secrets))
@@ -70,3 +70,6 @@ def configure(level: str, secrets: list[str]) -> None:
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.Formatter.converter = time.gmtime
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    RunPodLogger().set_level(runpod_level)

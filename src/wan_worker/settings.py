@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     slow_generation_s: float = Field(default=300.0, gt=0)
     small_file_bytes: int = Field(default=100_000, ge=0)
     log_level: str = "INFO"
+    #: The RunPod SDK's own level. Its default, DEBUG, logs every job's whole output
+    #: (prompts included), so the worker lowers it to INFO (docs/OPERATIONS.md).
+    runpod_log_level: Literal["TRACE", "DEBUG", "INFO", "WARN", "ERROR"] = "INFO"
 
     # --- only ever redacted or reported as set/unset ---------------------------------------
     hf_token: SecretStr | None = None

@@ -351,7 +351,7 @@ def get_worker() -> Worker:
     global _worker
     if _worker is None:
         settings = get_settings()
-        logs.configure(settings.log_level, settings.secret_values())
+        logs.configure(settings.log_level, settings.secret_values(), settings.runpod_log_level)
         _worker = Worker(settings)
     return _worker
 
