@@ -891,8 +891,11 @@ class Bench:
             run["psnr_vs_uncached_db"] = psnr(frames, self.frames_worker)
             run["psnr_vs_reference_db"] = psnr(frames, self.frames_ref)
             if uncached.get("step_median_s") and run.get("step_s"):
-                # a step whose blocks were skipped costs about one block instead of thirty
-                run["steps_served_from_cache"] = sum(1 for x in run["step_s"][1:] if x < 0.5 * uncached["step_median_s"])
+                # Each step is two forwards (CFG), cached separately; a cached forward costs one
+                # block instead of thirty, so a step's time says how many of its two were skipped.
+                half = uncached["step_median_s"] / 2
+                run["forwards_served_from_cache"] = sum(min(2, max(0, round((2 * half - x) / half))) for x in run["step_s"])
+                run["forwards_total"] = 2 * len(run["step_s"])
             res[f"cached_{threshold:g}" + ("_default" if threshold == default else "")] = run
         worker.generator.settings = worker.settings
         res["accel_report"] = {k: v for k, v in REPORT.items()}
