@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 from typing import Any
 
 import pytest

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import (
-    BUCKET,
     CALLBACK_SECRET,
     S3_KEY,
     SECRETS,

@@ -40,3 +40,23 @@ def test_missing_weights_name_the_download_command(tmp_path, monkeypatch):
 def test_working_memory_estimate_grows_with_tokens():
     small, full = estimate_working_bytes(480, 832, 17), estimate_working_bytes(480, 832, 81)
     assert full > small > estimate_working_bytes(256, 256, 1)
+
+
+def test_warmup_on_start_loads_before_the_first_job(tiny_models, monkeypatch):
+    from wan_worker import settings as settings_module
+    from wan_worker import worker as worker_module
+
+    monkeypatch.setenv("MODEL_PROFILE", "tiny")
+    monkeypatch.setenv("TINY_MODELS_DIR", str(tiny_models))
+    monkeypatch.setenv("WARMUP_ON_START", "1")
+    monkeypatch.setenv("WARMUP_QWEN", "1")
+    monkeypatch.setattr(worker_module, "_worker", None)
+    settings_module.get_settings.cache_clear()
+    try:
+        config = worker_module.serverless_config()
+        manager = worker_module.get_worker().manager
+        assert manager.wan_loaded and manager.ready("t2v") and manager.qwen_loaded
+        assert config["handler"] is worker_module.handler
+    finally:
+        settings_module.get_settings.cache_clear()
+        monkeypatch.setattr(worker_module, "_worker", None)

@@ -221,6 +221,18 @@ class ModelManager:
         """``t2v``, ``vace`` or ``i2i``: the denoising pipeline for a job, loaded on first use."""
         return self._denoise_pipe("t2v_denoise" if name == "t2v" else name)
 
+    def warm_up(self, width: int, height: int, frames: int) -> None:
+        """Load WAN (and Qwen with WARMUP_QWEN) and compile for the default video shape now,
+        so the first job doesn't pay for it (WARMUP_ON_START)."""
+        from .accel import warm_transformer
+
+        transformer = self.pipeline("t2v").transformer
+        if self.settings.compile_transformer and self.device.type == "cuda":
+            self.acquire(["transformer"], working_bytes=estimate_working_bytes(width, height, frames))
+            warm_transformer(transformer, height, width, frames)
+        if self.settings.warmup_qwen:
+            self.qwen()
+
     def ready(self, name: str) -> bool:
         return ("t2v_denoise" if name == "t2v" else name) in self._pipes
 

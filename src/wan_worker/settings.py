@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     tiny_models_dir: Path = Path.home() / ".cache" / "wan-worker" / "tiny-models"
     vae_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     gpu_memory_budget_gb: float | None = Field(default=None, gt=0)
-    warmup_on_start: bool = False
+    warmup_on_start: bool = True
+    warmup_qwen: bool = False
 
     # --- speed ----------------------------------------------------------------------------
     compile_transformer: bool = True  # regional compile, CUDA only (accel.py)

@@ -370,6 +370,6 @@ def serverless_config() -> dict[str, Any]:
     worker = get_worker()
     if worker.settings.warmup_on_start:
         started = time.perf_counter()
-        worker.manager.encoder_pipe()
+        worker.manager.warm_up(P.DEFAULT_WIDTH, P.DEFAULT_HEIGHT, P.JOB_TYPES["video_fast"].frames)
         log.info("worker warm", extra={"seconds": round(time.perf_counter() - started, 2)})
     return {"handler": handler, "concurrency_modifier": concurrency_modifier}
