@@ -22,11 +22,10 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "builder"))
 
-from local_s3 import ACCESS_KEY as S3_KEY  # noqa: E402  (the dev S3 server is shared with tests)
-from local_s3 import BUCKET, S3Server, free_port, start_s3, wait_for_port  # noqa: E402,F401
-from local_s3 import SECRET_KEY as S3_SECRET  # noqa: E402
+from wan_worker.local_s3 import ACCESS_KEY as S3_KEY  # the dev S3 server is shared with tests
+from wan_worker.local_s3 import BUCKET, S3Server, free_port, start_s3, wait_for_port  # noqa: F401
+from wan_worker.local_s3 import SECRET_KEY as S3_SECRET
 
 
 def stop(proc: subprocess.Popen) -> None:

