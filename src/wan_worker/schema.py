@@ -232,4 +232,3 @@ class JobResult(BaseModel):
     assets: list[Asset]
     metadata: dict[str, Any]
     warnings: list[str] = []
-    callback_delivered: bool | None = None

@@ -20,7 +20,7 @@ import torch
 from . import actions, callback, logs, presets as P
 from .enhance import Enhancer
 from .errors import GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
-from .generate import Generator, build_conditioning
+from .generate import Conditioning, Generated, Generator, build_conditioning
 from .jobs import Job, build_job
 from .media import encode
 from .models import ModelManager
@@ -121,28 +121,9 @@ class Worker:
         _check_deadline(deadline, s, "before generation")
 
         progress.enter("generating", step=0, total_steps=job.steps, reference_mode=mode)
-        run_job, degraded = job, None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        try:
-            generated = self.generator.generate(run_job, prompt, cond, progress, deadline)
-        except torch.OutOfMemoryError:
-            self.manager.free_memory()
-            lower = P.QUALITY_DEGRADE.get(job.quality, job.quality)
-            run_job = job.with_quality(lower)  # type: ignore[arg-type]
-            degraded = {"from": job.quality, "to": lower, "reason": "CUDA out of memory"}
-            warnings.append(f"out of GPU memory at quality '{job.quality}'; retried once at '{lower}'")
-            log.warning("out of memory, degrading quality", extra=degraded)
-            try:
-                generated = self.generator.generate(run_job, prompt, cond, progress, deadline)
-            except torch.OutOfMemoryError:
-                self.manager.free_memory()
-                raise GenerationFailed(
-                    f"out of GPU memory, also after retrying at quality '{lower}'",
-                    code="out_of_memory",
-                    retryable=True,
-                    refresh_worker=True,
-                ) from None
+        generated, run_job, degraded = self._generate_degrading(job, prompt, cond, progress, deadline, warnings)
         timings.update(generated.timings)
         peak_vram = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
 
@@ -239,6 +220,31 @@ class Worker:
         result = JobResult(job_id=job.job_id, assets=[asset], metadata=metadata, warnings=warnings)
         return result.model_dump()
 
+    def _generate_degrading(
+        self, job: Job, prompt: str, cond: Conditioning, progress: Progress, deadline: float, warnings: list[str]
+    ) -> tuple[Generated, Job, dict | None]:
+        """Generate; on CUDA out-of-memory free memory and retry once at the next lower quality
+        (seed: "Quality Degradation"), then fail retryable and ask for a fresh worker."""
+        try:
+            return self.generator.generate(job, prompt, cond, progress, deadline), job, None
+        except torch.OutOfMemoryError:
+            self.manager.free_memory()
+        lower = P.QUALITY_DEGRADE.get(job.quality, job.quality)
+        degraded = {"from": job.quality, "to": lower, "reason": "CUDA out of memory"}
+        warnings.append(f"out of GPU memory at quality '{job.quality}'; retried once at '{lower}'")
+        log.warning("out of memory, degrading quality", extra=degraded)
+        run_job = job.with_quality(lower)  # type: ignore[arg-type]
+        try:
+            return self.generator.generate(run_job, prompt, cond, progress, deadline), run_job, degraded
+        except torch.OutOfMemoryError:
+            self.manager.free_memory()
+            raise GenerationFailed(
+                f"out of GPU memory, also after retrying at quality '{lower}'",
+                code="out_of_memory",
+                retryable=True,
+                refresh_worker=True,
+            ) from None
+
     def _references(
         self, job: Job, progress: Progress, timings: dict, warnings: list[str], deadline: float
     ) -> tuple[str, dict]:
@@ -251,16 +257,16 @@ class Worker:
         try:
             for role, source in job.references.items():
                 try:
-                    image = load_reference(source.value, self.settings, deadline)
+                    images[role] = prepare(load_reference(source.value, self.settings, deadline), job.width, job.height)
                 except ReferenceFetchError as exc:
-                    raise ReferenceFetchError(f"{source.field}: {exc}") from None
-                images[role] = prepare(image, job.width, job.height)
-        except ReferenceFetchError as exc:
-            if job.strict_references:
-                raise ReferenceUnavailable(f"reference image unusable: {exc}", field=str(exc).split(":", 1)[0]) from None
-            warnings.append(f"reference image unusable ({exc}); fell back to text-to-video (reference_mode_applied: none)")
-            log.warning("reference fallback", extra={"reason": str(exc)})
-            return "none", {}
+                    reason = f"{source.field}: {exc}"
+                    if job.strict_references:
+                        raise ReferenceUnavailable(f"reference image unusable: {reason}", field=source.field) from None
+                    warnings.append(
+                        f"reference image unusable ({reason}); fell back to text-to-video (reference_mode_applied: none)"
+                    )
+                    log.warning("reference fallback", extra={"reason": reason})
+                    return "none", {}
         finally:
             timings["fetching_references"] = time.perf_counter() - t
         return job.reference_mode_requested, images
@@ -279,8 +285,6 @@ class Worker:
         if url and s.callback_secret:
             delivered = callback.deliver(url, s.callback_secret.get_secret_value(), callback.callback_body(job_id, output), s)
             output["callback_delivered"] = delivered
-        elif "callback_delivered" in output:
-            output.pop("callback_delivered")
 
     def _reject(self, job: dict[str, Any], runpod_id: str, output: dict[str, Any]) -> None:
         """A job refused before it became a ``Job``: one metrics line, and the failure callback."""
