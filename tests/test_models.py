@@ -60,3 +60,28 @@ def test_warmup_on_start_loads_before_the_first_job(tiny_models, monkeypatch):
     finally:
         settings_module.get_settings.cache_clear()
         monkeypatch.setattr(worker_module, "_worker", None)
+
+
+
+def test_fused_vae_norms_decode_like_diffusers(tiny_models, monkeypatch):
+    """Each norm that feeds a SiLU computes both, and its module's activation becomes the
+    identity: the decode is unchanged (fp32, same latents). torch.compile is replaced by the
+    plain function here (no C++ toolchain needed); the GPU benchmark runs the compiled one."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from wan_worker.accel import compile_vae_norms
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    reference = AutoencoderKLWan.from_pretrained(tiny_models / T2V_DIR, subfolder="vae").eval()
+    fused = AutoencoderKLWan.from_pretrained(tiny_models / T2V_DIR, subfolder="vae").eval()
+    count = compile_vae_norms(fused)
+    blocks = [m for m in fused.modules() if type(m).__name__ == "WanResidualBlock"]
+    assert count == 2 * len(blocks) + 2  # two per residual block, plus the encoder's and decoder's heads
+    assert all(isinstance(m.nonlinearity, torch.nn.Identity) for m in blocks)
+    latents = torch.randn(1, reference.config.z_dim, 5, 12, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference.decode(latents, return_dict=False)[0]
+        got = fused.decode(latents, return_dict=False)[0]
+    assert got.shape == expected.shape == (1, 3, 17, 96, 128)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

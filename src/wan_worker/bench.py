@@ -11,7 +11,8 @@ architectures (random weights cost exactly what trained weights cost per step):
   dropped first where the OS allows), compile warm-up, until ready.
 * **attention / transformer** - each attention backend, and transformer forwards eager vs
   compiled, with effective TFLOP/s against the analytic FLOP count.
-* **vae** - decode in fp32 / bf16 / with cuDNN autotuning, time and PSNR vs fp32.
+* **vae** - decode in fp32 / bf16 / channels-last / fused norms, time and PSNR vs fp32, and a
+  kernel profile of the worker's configuration.
 * **reference** - plain diffusers ``WanPipeline``, eager, same weights, prompt and seed.
 * **worker** - ``Worker.handle`` end to end (job start to uploaded assets), uncached and with
   the step cache; per-step times, stage times, PSNR of the decoded frames vs the reference
@@ -699,22 +700,26 @@ class Bench:
         latents = torch.randn(1, 16, lat_frames, self.height // 8, self.width // 8, generator=gen)
         results: dict[str, Any] = {}
         outputs: dict[str, np.ndarray] = {}
-        variants = [("fp32", torch.float32, False, False), ("bf16", torch.bfloat16, False, False)]
+        # (name, dtype, cuDNN autotune, channels-last weights, fused norm + SiLU kernels)
+        variants = [("fp32", torch.float32, False, False, False), ("bf16", torch.bfloat16, False, False, False)]
         if device == "cuda":
-            variants += [("bf16_channels_last_cudnn_benchmark", torch.bfloat16, True, True), ("fp32_channels_last", torch.float32, False, True)]
-        for name, dtype, bench, channels_last in variants:
+            variants += [("bf16_channels_last_cudnn_benchmark", torch.bfloat16, True, True, False),
+                         ("bf16_channels_last_fused_norms", torch.bfloat16, True, True, True)]
+        for name, dtype, bench, channels_last, fused in variants:
             try:
                 torch.backends.cudnn.benchmark = bench
                 vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
-                if channels_last:
-                    from .accel import vae_channels_last
+                from .accel import compile_vae_norms, vae_channels_last
 
+                if channels_last:
                     vae_channels_last(vae)
+                if fused:
+                    compile_vae_norms(vae)
                 x = latents.to(device, dtype)
                 times = []
                 reset_peak()
                 with torch.inference_mode():
-                    for _ in range(2 if device == "cuda" else 1):
+                    for _ in range(3 if device == "cuda" else 1):
                         sync()
                         t = now()
                         video = vae.decode(x, return_dict=False)[0]
@@ -728,9 +733,36 @@ class Bench:
                 free_cuda()
             except Exception as exc:  # noqa: BLE001
                 results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        if device == "cuda":
+            results["profile"] = self._profile_vae(path, latents)
         torch.backends.cudnn.benchmark = False
         results["note"] = "random latents through the real VAE config; frames in [0,1]"
         return results
+
+    def _profile_vae(self, path: Path, latents) -> dict[str, Any]:
+        """Where the worker's VAE decode spends GPU time: the top kernels by self CUDA time."""
+        import torch
+        from diffusers import AutoencoderKLWan
+
+        from .accel import optimize_vae
+
+        torch.backends.cudnn.benchmark = True
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.bfloat16).to("cuda")
+        optimize_vae(vae, self.settings())
+        x = latents.to("cuda", torch.bfloat16)
+        with torch.inference_mode():
+            vae.decode(x, return_dict=False)
+            sync()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                vae.decode(x, return_dict=False)
+                sync()
+        events = prof.key_averages()
+        total = sum(e.self_device_time_total for e in events) or 1
+        top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+        del vae, x
+        free_cuda()
+        return {"gpu_s": r(total / 1e6), "top": [{"name": e.key[:90], "s": r(e.self_device_time_total / 1e6), "share": r(e.self_device_time_total / total, 3),
+                                                   "calls": e.count} for e in top]}
 
     def reference(self) -> dict[str, Any]:
         """Plain diffusers WanPipeline, eager, FACTS' dtypes (VAE fp32), same weights/prompt/seed."""
@@ -785,7 +817,7 @@ class Bench:
 
     def worker_runs(self) -> dict[str, Any]:
         """The worker's job path: uncached (vs reference) and with the step cache (vs uncached)."""
-        from .accel import REPORT, warm_transformer
+        from .accel import REPORT
         from .worker import Worker
 
         res: dict[str, Any] = {}
@@ -793,10 +825,10 @@ class Bench:
         worker = Worker(self.settings())
         worker.manager.encoder_pipe()
         res["load_s"] = r(now() - started, 2)
-        pipe = worker.manager.pipeline("t2v")
         t = now()
-        warm_transformer(pipe.transformer, self.height, self.width, self.frames)
+        worker.manager.warm_up(self.width, self.height, self.frames)  # what WARMUP_ON_START does
         res["warm_compile_s"] = r(now() - t, 2)
+        pipe = worker.manager.pipeline("t2v")
         warm = run_job(worker, self.job(id="warm", config={"num_inference_steps": 2, "sample_shift": 5.0}))
         warm.pop("_frames", None)
         res["warm_job"] = {k: warm[k] for k in ("status", "total_s", "error") if k in warm}
@@ -831,6 +863,9 @@ class Bench:
         worker.generator.settings = worker.settings
         res["accel_report"] = {k: v for k, v in REPORT.items()}
         res["resident"] = worker.manager.memory_report()
+        failed = [k for k, v in res.items() if isinstance(v, dict) and v.get("status") == "failed"]
+        if failed and self.s3 is not None:  # say why the storage refused, not only that it did
+            res["s3_log_tail"] = (self.s3.data_dir / "weed.log").read_text(errors="replace")[-3000:]
         self._worker = worker
         return res
 
@@ -877,11 +912,12 @@ class Bench:
         return results
 
     def qwen(self) -> dict[str, Any]:
-        """Qwen load from disk (the worker's path), decode tokens/s eager vs static+compile."""
+        """Qwen load from disk (the worker's path), decode tokens/s as configured, each decode
+        optimisation switched off in turn, and eager with a dynamic cache."""
         import torch
 
-        from .accel import REPORT
-        from .enhance import DELIMITER, completion_prompt
+        from . import accel
+        from .enhance import Enhancer, completion_prompt, generation_kwargs
         from .models import ModelManager
 
         res: dict[str, Any] = {"page_cache_dropped": drop_page_cache()}
@@ -890,30 +926,46 @@ class Bench:
         t = now()
         model, tok = manager.qwen()
         res["load_total_s"] = r(now() - t, 2)
-        res["prepare"] = dict(REPORT.get("qwen", {}))
+        res["prepare"] = dict(accel.REPORT.get("qwen", {}))
         warm = res["prepare"].get("warmup_seconds") or 0.0
         res["load_from_disk_s"] = r(res["load_total_s"] - warm, 2)
+        res["device"] = str(next(model.parameters()).device)
         ids = tok(completion_prompt(PROMPT, "video7b_fast_enhanced", "fast"), return_tensors="pt").to(model.device)
         res["prompt_tokens"] = int(ids["input_ids"].shape[1])
         n = 16 if self.tiny else 200
+        kwargs = generation_kwargs(tok)
 
         def gen(new: int, **kw) -> tuple[float, int]:
             """Seconds and new tokens of one greedy generate with the enhancer's settings."""
             sync()
             t = now()
             with torch.inference_mode():
-                out = model.generate(**ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, repetition_penalty=1.05,
-                                     stop_strings=[DELIMITER], tokenizer=tok, pad_token_id=tok.pad_token_id, **kw)
+                out = model.generate(**ids, max_new_tokens=new, min_new_tokens=new, **{**kwargs, **kw})
             sync()
             return now() - t, int(out.shape[1] - ids["input_ids"].shape[1])
 
+        def decode_rate(label: str, repeats: int = 3, **kw) -> dict[str, Any]:
+            runs = []
+            for _ in range(repeats):
+                (t1, _), (tn, got) = gen(1, **kw), gen(n, **kw)
+                runs.append({"prefill_s": r(t1), "new_tokens": got, "generate_s": r(tn), "decode_tok_s": r((got - 1) / (tn - t1), 1)})
+            rates = sorted(x["decode_tok_s"] for x in runs)
+            return {"label": label, "runs": runs, "decode_tok_s": rates[len(rates) // 2], "min_tok_s": rates[0]}
+
         reset_peak()
-        runs = []
-        for _ in range(3):
-            (t1, _), (tn, got) = gen(1), gen(n)
-            runs.append({"prefill_s": r(t1), "new_tokens": got, "generate_s": r(tn), "decode_tok_s": r((got - 1) / (tn - t1), 1)})
-        res["configured"] = {"runs": runs, "decode_tok_s": runs[-1]["decode_tok_s"], "peak_gib": gpu_peak_gib(),
-                             "cache_implementation": model.generation_config.cache_implementation}
+        res["configured"] = decode_rate("as configured", repeats=5)
+        res["configured"].update(peak_gib=gpu_peak_gib(), cache_implementation=model.generation_config.cache_implementation)
+        ablations: dict[str, Any] = {}
+        if res["prepare"].get("deferred_stop_check"):
+            from transformers.generation import utils as gen_utils
+
+            patched = gen_utils.DeferredStopCheck.is_supported
+            gen_utils.DeferredStopCheck.is_supported = staticmethod(lambda device, *a, **kw: device.type == "mps")
+            try:
+                ablations["no_deferred_stop_check"] = decode_rate("stop flag read every token")
+            finally:
+                gen_utils.DeferredStopCheck.is_supported = patched
+        res["ablations"] = ablations
         # eager baseline: dynamic cache, no compile (FACTS' 11.7 tok/s)
         m = 8 if self.tiny else 40
         t1, _ = gen(1, disable_compile=True, cache_implementation="dynamic")
@@ -921,11 +973,9 @@ class Bench:
         res["eager_dynamic"] = {"prefill_s": r(t1), "new_tokens": got, "decode_tok_s": r((got - 1) / (tn - t1), 1)}
         res["speedup"] = r(res["configured"]["decode_tok_s"] / res["eager_dynamic"]["decode_tok_s"], 2)
         # the real enhancer call (random weights: the text is gibberish; timing is what counts)
-        from .enhance import Enhancer
-
         enhancer = Enhancer(manager, settings)
         res["enhance_calls"] = []
-        for i in range(2):
+        for i in range(3):
             e = enhancer.enhance(f"{PROMPT} (bench {i})", "video7b_fast_enhanced", "fast")
             res["enhance_calls"].append({"seconds": r(e.enhancement_time, 2), "new_tokens": e.new_tokens,
                                          "tok_s_incl_prefill": r(e.new_tokens / e.enhancement_time, 1) if e.new_tokens else None,

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .accel import qwen_generate_kwargs
 from .models import GiB, ModelManager
 from .settings import Settings
 
@@ -100,6 +99,18 @@ class Enhancement:
 
     def as_metadata(self) -> dict:
         return asdict(self)
+
+
+def generation_kwargs(tokenizer) -> dict:
+    """Decoding settings shared by every enhancement and the decode warm-up (``accel.prepare_qwen``):
+    greedy, a light repetition penalty, stop at the example delimiter."""
+    return {
+        "do_sample": False,
+        "repetition_penalty": 1.05,
+        "stop_strings": [DELIMITER],
+        "tokenizer": tokenizer,
+        "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
+    }
 
 
 def system_text(job_type: str, quality: str) -> str:
@@ -198,12 +209,7 @@ class Enhancer:
                 **inputs,
                 max_new_tokens=self.settings.enhance_max_new_tokens,
                 max_time=budget,
-                do_sample=False,
-                repetition_penalty=1.05,
-                stop_strings=[DELIMITER],
-                tokenizer=tokenizer,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                **qwen_generate_kwargs(self.settings),
+                **generation_kwargs(tokenizer),
             )
         elapsed = time.perf_counter() - started
         new = output[0, inputs["input_ids"].shape[1] :]

@@ -115,7 +115,7 @@ def start_s3(data_dir: Path, port: int | None = None, weed: str | None = None) -
             weed, "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}",
             "-s3", f"-s3.port={s3}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false", "-volume.max=4",
+            "-master.telemetry=false", "-volume.max=8", "-master.volumeSizeLimitMB=1024",
         ],
         stdout=subprocess.DEVNULL,
         stderr=open(data_dir / "weed.log", "wb"),

@@ -70,6 +70,8 @@ def configure(level: str, secrets: list[str], runpod_level: str = "INFO") -> Non
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.Formatter.converter = time.gmtime
-    from runpod.serverless.modules.rp_logger import RunPodLogger
-
+    try:
+        from runpod.serverless.modules.rp_logger import RunPodLogger
+    except ImportError:  # the benchmark runs the worker without the RunPod SDK
+        return
     RunPodLogger().set_level(runpod_level)

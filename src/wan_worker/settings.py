@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     fuse_qkv: bool = False
     cudnn_benchmark: bool = True
     vae_channels_last: bool = True
+    compile_vae: bool = True  # fused norm + SiLU kernels in the VAE decoder, CUDA only (accel.py)
     step_cache_threshold: float = Field(default=0.08, ge=0, le=1)
 
     # --- storage --------------------------------------------------------------------------

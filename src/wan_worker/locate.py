@@ -1,0 +1,49 @@
+"""Where each checkpoint lives on disk: an explicit directory, ``MODELS_DIR``, the image's baked
+directory, or a Hugging Face cache. No torch import, so the builder and tools can use it cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelUnavailable
+from .settings import Settings
+
+DOWNLOAD_HINT = "python builder/download_models.py --models-dir {models_dir}"
+
+
+@dataclass
+class ModelLocator:
+    """Where a checkpoint lives: a local directory, ``MODELS_DIR`` or the HF cache."""
+
+    settings: Settings
+
+    def resolve(self, repo_id: str) -> Path:
+        s = self.settings
+        if Path(repo_id).is_dir():  # an explicit local checkpoint wins in every profile
+            return Path(repo_id)
+        if s.model_profile == "tiny":
+            from . import tiny
+
+            root = tiny.ensure_tiny_models(s.tiny_models_dir)
+            return root / Path(repo_id).name
+        candidates = [root / name for root in (s.models_dir, s.baked_models_dir) for name in (repo_id, Path(repo_id).name)]
+        for path in candidates:
+            if path.is_dir() and any(path.iterdir()):
+                return path
+        from huggingface_hub import snapshot_download
+
+        cache_dirs = [None, Path("/runpod-volume/huggingface-cache/hub")]
+        if s.hf_home:
+            cache_dirs.insert(0, s.hf_home / "hub")
+        for cache_dir in cache_dirs:
+            try:
+                return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
+            except Exception:  # noqa: BLE001 - any miss means "not in this cache"
+                continue
+        raise ModelUnavailable(
+            f"model weights for {repo_id} not found in {s.models_dir} or the Hugging Face cache; "
+            f"download them with: {DOWNLOAD_HINT.format(models_dir=s.models_dir)} "
+            "(or mount a network volume at /runpod-volume)",
+            retryable=False,
+        )
