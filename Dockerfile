@@ -9,7 +9,10 @@ FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    MODELS_DIR=/runpod-volume/models
+    MODELS_DIR=/runpod-volume/models \
+    TORCHINDUCTOR_CACHE_DIR=/runpod-volume/.cache/torchinductor
+# The compile cache on the network volume lets a restarted worker skip most of its warm-up
+# compile (docs/PERFORMANCE.md, cold start); without a volume it is a plain directory.
 
 WORKDIR /app
 COPY requirements.txt pyproject.toml ./

@@ -88,6 +88,12 @@ def test_enhanced_job_uses_the_model_and_decodes_only_new_tokens(tiny_models, tr
     assert other_quality.cache_hit is False  # the key includes quality
     assert worker.enhancer.cache_hits == 1
 
+    # generation stopped at the delimiter, far short of ENHANCE_MAX_NEW_TOKENS
+    fresh = make_worker(tiny_models, trained_qwen).enhancer.enhance("a cat", "video_fast", "fast")
+    model, tokenizer = worker.manager.qwen()
+    expected = len(tokenizer(" " + TARGET + E.DELIMITER).input_ids)
+    assert fresh.enhanced_prompt == TARGET and expected - 3 <= fresh.new_tokens <= expected + 1
+
 
 def test_enhance_action_matches_the_seed_endpoint(tiny_models, trained_qwen):
     worker = make_worker(tiny_models, trained_qwen)
