@@ -14,6 +14,11 @@ ENV PYTHONUNBUFFERED=1 \
 # The compile cache on the network volume lets a restarted worker skip most of its warm-up
 # compile (docs/PERFORMANCE.md, cold start); without a volume it is a plain directory.
 
+# Triton (behind torch.compile) builds small C launchers at run time; the runtime base image
+# has no C compiler. Without one, compile fails and the worker runs eagerly (slower; accel.EagerFallback).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY requirements.txt pyproject.toml ./
 COPY src ./src

@@ -63,25 +63,61 @@ def test_warmup_on_start_loads_before_the_first_job(tiny_models, monkeypatch):
 
 
 
-def test_fused_vae_norms_decode_like_diffusers(tiny_models, monkeypatch):
-    """Each norm that feeds a SiLU computes both, and its module's activation becomes the
-    identity: the decode is unchanged (fp32, same latents). torch.compile is replaced by the
-    plain function here (no C++ toolchain needed); the GPU benchmark runs the compiled one."""
+@pytest.mark.parametrize("compiler", ["works", "fails"])
+def test_fused_vae_norms_decode_like_diffusers(tiny_models, monkeypatch, compiler):
+    """Each decoder norm that feeds a SiLU computes both, and its module's activation becomes
+    the identity: the decode is unchanged (fp32, same latents). The encoder stays as it was.
+    torch.compile is replaced by the plain function here (no C++ toolchain needed; the GPU
+    benchmark runs the compiled one), or by one that fails, as a missing compiler would: the
+    norms then run eagerly and the decode is still right."""
     import torch
     from diffusers import AutoencoderKLWan
 
-    from wan_worker.accel import compile_vae_norms
+    from wan_worker.accel import REPORT, compile_vae_norms
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(torch, "compile", (lambda fn, **kwargs: fn) if compiler == "works" else (lambda fn, **kwargs: broken))
+    REPORT.pop("compile_errors", None)
     reference = AutoencoderKLWan.from_pretrained(tiny_models / T2V_DIR, subfolder="vae").eval()
     fused = AutoencoderKLWan.from_pretrained(tiny_models / T2V_DIR, subfolder="vae").eval()
     count = compile_vae_norms(fused)
-    blocks = [m for m in fused.modules() if type(m).__name__ == "WanResidualBlock"]
-    assert count == 2 * len(blocks) + 2  # two per residual block, plus the encoder's and decoder's heads
+    blocks = [m for m in fused.decoder.modules() if type(m).__name__ == "WanResidualBlock"]
+    assert count == 2 * len(blocks) + 1  # two per residual block, plus the decoder's head
     assert all(isinstance(m.nonlinearity, torch.nn.Identity) for m in blocks)
+    assert isinstance(fused.encoder.nonlinearity, torch.nn.SiLU)
     latents = torch.randn(1, reference.config.z_dim, 5, 12, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = reference.decode(latents, return_dict=False)[0]
         got = fused.decode(latents, return_dict=False)[0]
     assert got.shape == expected.shape == (1, 3, 17, 96, 128)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert ("vae_norms" in REPORT.get("compile_errors", {})) == (compiler == "fails")
+
+
+def test_transformer_blocks_run_eagerly_when_compile_fails(tiny_models, monkeypatch):
+    """torch.compile compiles at the first call, so a missing compiler shows up mid-job: the
+    blocks then run their own forward, the output is unchanged, and the report says why."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from wan_worker.accel import REPORT, compile_blocks, transformer_dummy_inputs
+
+    def failing_compile(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("inductor: no working C compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    REPORT.pop("compile_errors", None)
+    transformer = WanTransformer3DModel.from_pretrained(tiny_models / T2V_DIR, subfolder="transformer").eval()
+    inputs = transformer_dummy_inputs(transformer, 32, 32, 5, "cpu", text_len=8)
+    inputs["hidden_states"] = inputs["hidden_states"].float()
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].float()
+    with torch.inference_mode():
+        expected = transformer(**inputs)[0]
+        assert compile_blocks(transformer) == len(transformer.blocks)
+        got = transformer(**inputs)[0]
+    torch.testing.assert_close(got, expected)
+    assert "no working C compiler" in REPORT["compile_errors"]["WanTransformer3DModel"]

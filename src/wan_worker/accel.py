@@ -187,10 +187,41 @@ def _set_backend(transformer: torch.nn.Module, backend: str | None) -> str | Non
 # -- the transformer -------------------------------------------------------------------------------
 
 
+class EagerFallback:
+    """Runs compiled callables, and their eager originals from the first compile failure on.
+
+    ``torch.compile`` only compiles at the first call, so a missing C compiler for Triton (or
+    an inductor bug) would surface inside a job or the warm-up. One instance is shared by
+    the callables of one model: after one failure they all run eagerly, and ``REPORT``'s
+    ``compile_errors`` says why. Out-of-memory errors pass through to the degrade path.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.eager = False
+
+    def wrap(self, compiled, eager):
+        def call(*args: Any, **kwargs: Any):
+            if not self.eager:
+                try:
+                    return compiled(*args, **kwargs)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - compile is an optimisation: run eagerly
+                    self.eager = True
+                    reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    REPORT.setdefault("compile_errors", {})[self.what] = reason
+                    log.warning("compile failed; running eagerly", extra={"what": self.what, "reason": reason})
+            return eager(*args, **kwargs)
+
+        return call
+
+
 def compile_blocks(transformer: torch.nn.Module, mode: str | None = None) -> int:
     """Compile the ``forward`` of every repeated block; one graph per block class and shape.
 
-    Returns the number of blocks wrapped. Idempotent.
+    Returns the number of blocks wrapped. Idempotent. A compile failure leaves the blocks eager
+    (``EagerFallback``).
     """
     import torch._dynamo
 
@@ -199,10 +230,12 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None) -> int
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
     names = set(getattr(transformer, "_repeated_blocks", ()) or ())
+    fallback = EagerFallback(type(transformer).__name__)
     count = 0
     for module in transformer.modules():
         if module.__class__.__name__ in names and not getattr(module, "_wan_compiled", False):
-            module.forward = torch.compile(module.forward, fullgraph=True, dynamic=False, mode=mode)
+            eager = module.forward
+            module.forward = fallback.wrap(torch.compile(eager, fullgraph=True, dynamic=False, mode=mode), eager)
             module._wan_compiled = True
             count += 1
     return count
@@ -297,7 +330,7 @@ def _rms_norm_silu(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def compile_vae_norms(vae: torch.nn.Module) -> int:
-    """Fuse each ``WanRMS_norm`` that feeds a SiLU into one compiled kernel.
+    """Fuse each decoder ``WanRMS_norm`` that feeds a SiLU into one compiled kernel.
 
     Profiling the bf16 decode at 480x832x81 shows convolutions take only about a third of its
     GPU time; the rest is element-wise passes over full-resolution activations, and each
@@ -307,16 +340,20 @@ def compile_vae_norms(vae: torch.nn.Module) -> int:
     activation becomes the identity. The norm module itself is the compiled function's first
     argument: its channel count stays a compile-time constant, which gives inductor's
     persistent (single-pass) reduction, 4x faster here than the looped one that a
-    tensor-only signature with a dynamic channel count gets. Returns the number of norms fused.
+    tensor-only signature with a dynamic channel count gets.
+
+    Only the decoder: the encoder (image-to-image and VACE references, a few frames) stays
+    eager, so no job compiles inside its time bound. If compiling fails, the same function
+    runs eagerly (``EagerFallback``). Returns the number of norms fused.
     """
     import functools
 
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    fused = torch.compile(_rms_norm_silu, dynamic=True, fullgraph=True)
+    fused = EagerFallback("vae_norms").wrap(torch.compile(_rms_norm_silu, dynamic=True, fullgraph=True), _rms_norm_silu)
     count = 0
-    for module in vae.modules():
+    for module in getattr(vae, "decoder", vae).modules():
         if not isinstance(getattr(module, "nonlinearity", None), torch.nn.SiLU):
             continue
         names = ("norm1", "norm2") if type(module).__name__ == "WanResidualBlock" else ("norm_out",)
@@ -398,9 +435,8 @@ def prepare_qwen(model: torch.nn.Module, settings: Settings, generate_kwargs: di
     Called once the model is on its device. Only the one-token decode step is compiled
     (prefill stays eager, since prompt lengths vary); the cache is sized for
     ``ENHANCE_MAX_CACHE_LEN`` tokens so every prompt up to that reuses one graph. Decoding
-    also uses the deferred stop check. The warm-up calls
-    ``generate`` with the enhancer's own ``generate_kwargs`` (stop strings included, whose
-    vocabulary tables transformers builds on first use). If the warm-up fails,
+    also uses the deferred stop check. The warm-up calls ``generate`` with the enhancer's
+    own ``generate_kwargs``, less its stop criterion. If the warm-up fails,
     compile is switched off for this model and decoding stays eager.
     """
     info: dict[str, Any] = {"compile": False}
@@ -411,6 +447,8 @@ def prepare_qwen(model: torch.nn.Module, settings: Settings, generate_kwargs: di
     from transformers import CompileConfig
 
     info["deferred_stop_check"] = defer_stop_check_on_cuda()
+    # all 16 tokens, so the graph is recorded: a stop string in random text would end it early
+    warm_kwargs = {k: v for k, v in generate_kwargs.items() if k not in ("stopping_criteria", "stop_strings")}
     gc = model.generation_config
     gc.cache_implementation = "static"
     gc.max_cache_len = settings.enhance_max_cache_len
@@ -426,7 +464,7 @@ def prepare_qwen(model: torch.nn.Module, settings: Settings, generate_kwargs: di
                     attention_mask=torch.ones_like(ids),
                     max_new_tokens=16,
                     min_new_tokens=16,
-                    **generate_kwargs,
+                    **warm_kwargs,
                 )
         torch.cuda.synchronize()
         info.update(compile=True, warmup_seconds=round(time.perf_counter() - started, 2))

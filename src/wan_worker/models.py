@@ -122,6 +122,8 @@ class ModelManager:
                     "default": torch.bfloat16,
                 },
             )
+        except torch.OutOfMemoryError:
+            raise  # loading straight onto the GPU: the out-of-memory path handles it, not "re-download"
         except Exception as exc:  # noqa: BLE001 - a corrupt or partial directory
             raise ModelUnavailable(
                 f"could not load {self.settings.t2v_model_id} from {path}: {type(exc).__name__}: {exc}. "
@@ -171,6 +173,8 @@ class ModelManager:
                 path, subfolder="transformer", local_files_only=True, dtype=torch.bfloat16,
                 **self._load_placement(path / "transformer"),
             )
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise ModelUnavailable(
                 f"could not load {self.settings.vace_model_id} from {path}: {type(exc).__name__}: {exc}",
@@ -218,6 +222,8 @@ class ModelManager:
                     model = AutoModelForCausalLM.from_pretrained(
                         path, local_files_only=True, dtype=torch.bfloat16, **self._load_placement(path)
                     )
+                except torch.OutOfMemoryError:
+                    raise
                 except Exception as exc:  # noqa: BLE001
                     raise ModelUnavailable(
                         f"could not load {self.settings.qwen_model} from {path}: {type(exc).__name__}: {exc}"
