@@ -121,3 +121,24 @@ def test_transformer_blocks_run_eagerly_when_compile_fails(tiny_models, monkeypa
         got = transformer(**inputs)[0]
     torch.testing.assert_close(got, expected)
     assert "no working C compiler" in REPORT["compile_errors"]["WanTransformer3DModel"]
+
+
+def test_an_error_eager_code_raises_too_does_not_switch_compile_off():
+    """EagerFallback only gives up on compile when the eager call succeeds where the compiled
+    one failed; a genuine error propagates and compile stays on."""
+    from wan_worker.accel import EagerFallback
+
+    def compiled(x):
+        raise RuntimeError("compiled failed")
+
+    def eager(x):
+        if x < 0:
+            raise ValueError("bad input")
+        return x * 2
+
+    fallback = EagerFallback("unit")
+    call = fallback.wrap(compiled, eager)
+    with pytest.raises(ValueError, match="bad input"):
+        call(-1)
+    assert fallback.eager is False
+    assert call(3) == 6 and fallback.eager is True

@@ -192,8 +192,9 @@ class EagerFallback:
 
     ``torch.compile`` only compiles at the first call, so a missing C compiler for Triton (or
     an inductor bug) would surface inside a job or the warm-up. One instance is shared by
-    the callables of one model: after one failure they all run eagerly, and ``REPORT``'s
-    ``compile_errors`` says why. Out-of-memory errors pass through to the degrade path.
+    the callables of one model: once a compiled call fails where the eager one succeeds,
+    they all run eagerly, and ``REPORT``'s ``compile_errors`` says why. Out-of-memory errors
+    pass through to the degrade path.
     """
 
     def __init__(self, what: str) -> None:
@@ -202,17 +203,21 @@ class EagerFallback:
 
     def wrap(self, compiled, eager):
         def call(*args: Any, **kwargs: Any):
-            if not self.eager:
-                try:
-                    return compiled(*args, **kwargs)
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - compile is an optimisation: run eagerly
-                    self.eager = True
-                    reason = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    REPORT.setdefault("compile_errors", {})[self.what] = reason
-                    log.warning("compile failed; running eagerly", extra={"what": self.what, "reason": reason})
-            return eager(*args, **kwargs)
+            if self.eager:
+                return eager(*args, **kwargs)
+            try:
+                return compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - compile is an optimisation: run eagerly
+                # An error the eager call raises as well is not compile's: it propagates from
+                # here, and compile stays on.
+                out = eager(*args, **kwargs)
+                self.eager = True
+                reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+                REPORT.setdefault("compile_errors", {})[self.what] = reason
+                log.warning("compile failed; running eagerly", extra={"what": self.what, "reason": reason})
+                return out
 
         return call
 
