@@ -130,7 +130,9 @@ import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import io  # noqa: E402
 import threading  # noqa: E402
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from http.server import BaseHTTPRequestHandler  # noqa: E402
+
+from refserver import serve_on_loopback  # noqa: E402
 
 #: Known secret values put into the environment by the secret-leak tests. The bucket secret
 #: is the real one of the test S3 server, so uploads keep working with it.
@@ -186,12 +188,9 @@ class CallbackReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve_on_loopback(Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/functions/v1/job-callback"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -303,11 +302,9 @@ class FaultProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve_on_loopback(Handler)
         self.port = self.server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()

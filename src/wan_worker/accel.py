@@ -187,6 +187,15 @@ def _set_backend(transformer: torch.nn.Module, backend: str | None) -> str | Non
 # -- the transformer -------------------------------------------------------------------------------
 
 
+def _raise_recompile_limits() -> None:
+    """One compiled graph per (function, shape); dynamo's default limit of 8 would stop
+    compiling after a few job sizes and silently fall back to eager."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+
+
 class EagerFallback:
     """Runs compiled callables, and their eager originals from the first compile failure on.
 
@@ -228,12 +237,7 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None) -> int
     Returns the number of blocks wrapped. Idempotent. A compile failure leaves the blocks eager
     (``EagerFallback``).
     """
-    import torch._dynamo
-
-    # One entry per (block class, shape); the default limit of 8 would stop compiling after
-    # a few job sizes and silently fall back to eager.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    _raise_recompile_limits()
     names = set(getattr(transformer, "_repeated_blocks", ()) or ())
     fallback = EagerFallback(type(transformer).__name__)
     count = 0
@@ -281,16 +285,19 @@ def transformer_dummy_inputs(transformer: torch.nn.Module, height: int, width: i
 
 def warm_transformer(transformer: torch.nn.Module, height: int, width: int, frames: int) -> float:
     """One forward at this shape, so compilation and kernel autotuning happen now (seconds)."""
-    device = next(transformer.parameters()).device
+    inputs = transformer_dummy_inputs(transformer, height, width, frames, next(transformer.parameters()).device)
+    return _timed_warmup(transformer, [frames, height, width], lambda: transformer(**inputs))
+
+
+def _timed_warmup(module: torch.nn.Module, shape: list[int], run) -> float:
+    """Run ``run()`` once without grad, wait for the GPU, record it in ``REPORT``; seconds."""
     started = time.perf_counter()
     with torch.inference_mode():
-        transformer(**transformer_dummy_inputs(transformer, height, width, frames, device))
-    if device.type == "cuda":
+        run()
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    REPORT.setdefault("warmups", []).append(
-        {"class": type(transformer).__name__, "shape": [frames, height, width], "seconds": round(seconds, 2)}
-    )
+    REPORT.setdefault("warmups", []).append({"class": type(module).__name__, "shape": shape, "seconds": round(seconds, 2)})
     return seconds
 
 
@@ -353,9 +360,7 @@ def compile_vae_norms(vae: torch.nn.Module) -> int:
     """
     import functools
 
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    _raise_recompile_limits()
     fused = EagerFallback("vae_norms").wrap(torch.compile(_rms_norm_silu, dynamic=True, fullgraph=True), _rms_norm_silu)
     count = 0
     for module in getattr(vae, "decoder", vae).modules():
@@ -389,15 +394,8 @@ def optimize_vae(vae: torch.nn.Module, settings: Settings) -> None:
 def warm_vae(vae: torch.nn.Module, height: int, width: int) -> float:
     """Decode two latent frames at this size, so the compiled norms exist before the first job."""
     device = next(vae.parameters()).device
-    started = time.perf_counter()
     latents = torch.zeros(1, vae.config.z_dim, 2, height // 8, width // 8, device=device, dtype=vae.dtype)
-    with torch.inference_mode():
-        vae.decode(latents, return_dict=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    REPORT.setdefault("warmups", []).append({"class": type(vae).__name__, "shape": [5, height, width], "seconds": round(seconds, 2)})
-    return seconds
+    return _timed_warmup(vae, [5, height, width], lambda: vae.decode(latents, return_dict=False))
 
 
 # -- Qwen --------------------------------------------------------------------------------------------

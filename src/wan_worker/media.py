@@ -8,6 +8,7 @@ encode itself), and the thumbnail is made in a thread meanwhile.
 from __future__ import annotations
 
 import errno
+import io
 import shutil
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -74,19 +75,19 @@ def check_mp4(path: Path) -> None:
     """
     size = path.stat().st_size if path.exists() else 0
     kinds, pos = set(), 0
-    while size and pos + 8 <= size:
-        with path.open("rb") as f:
+    with path.open("rb") if size else io.BytesIO() as f:
+        while pos + 8 <= size:
             f.seek(pos)
             header = f.read(16)
-        box_size, kind = struct.unpack(">I4s", header[:8])
-        if box_size == 1:
-            box_size = struct.unpack(">Q", header[8:16])[0]
-        elif box_size == 0:
-            box_size = size - pos
-        if box_size < 8:
-            break
-        kinds.add(kind)
-        pos += box_size
+            box_size, kind = struct.unpack(">I4s", header[:8])
+            if box_size == 1:
+                box_size = struct.unpack(">Q", header[8:16])[0]
+            elif box_size == 0:
+                box_size = size - pos
+            if box_size < 8:
+                break
+            kinds.add(kind)
+            pos += box_size
     if pos == size and {b"moov", b"mdat"} <= kinds:
         return
     if shutil.disk_usage(path.parent).free < 1024 * 1024:

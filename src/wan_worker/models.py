@@ -13,9 +13,11 @@ the GPU while the transformer works when the budget asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,21 @@ def estimate_working_bytes(width: int, height: int, frames: int) -> int:
     return max(transformer, vae_decode) + GiB
 
 
+@contextlib.contextmanager
+def load_errors(repo_id: str, path: Path, hint: str = "", refresh_worker: bool = False) -> Iterator[None]:
+    """A checkpoint that fails to load (corrupt, partial, wrong format) becomes a clear
+    ``ModelUnavailable``. Out-of-memory passes through unchanged: models load straight onto
+    the GPU, and that error belongs to the degrade path, not to "re-download"."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure
+        raise ModelUnavailable(
+            f"could not load {repo_id} from {path}: {type(exc).__name__}: {exc}{hint}", refresh_worker=refresh_worker
+        ) from exc
+
+
 @dataclass
 class ModelManager:
     settings: Settings
@@ -110,7 +127,8 @@ class ModelManager:
 
         path = self.locator.resolve(self.settings.t2v_model_id)
         started = time.perf_counter()
-        try:
+        hint = f". Re-download with: {DOWNLOAD_HINT.format(models_dir=self.settings.models_dir)}"
+        with load_errors(self.settings.t2v_model_id, path, hint=hint, refresh_worker=True):
             pipe = WanPipeline.from_pretrained(
                 path,
                 local_files_only=True,
@@ -122,14 +140,6 @@ class ModelManager:
                     "default": torch.bfloat16,
                 },
             )
-        except torch.OutOfMemoryError:
-            raise  # loading straight onto the GPU: the out-of-memory path handles it, not "re-download"
-        except Exception as exc:  # noqa: BLE001 - a corrupt or partial directory
-            raise ModelUnavailable(
-                f"could not load {self.settings.t2v_model_id} from {path}: {type(exc).__name__}: {exc}. "
-                f"Re-download with: {DOWNLOAD_HINT.format(models_dir=self.settings.models_dir)}",
-                refresh_worker=True,
-            ) from exc
         pipe.set_progress_bar_config(disable=True)
         from .accel import optimize_transformer, optimize_vae
 
@@ -168,18 +178,11 @@ class ModelManager:
 
         path = self.locator.resolve(self.settings.vace_model_id)
         started = time.perf_counter()
-        try:
+        with load_errors(self.settings.vace_model_id, path, refresh_worker=True):
             transformer = WanVACETransformer3DModel.from_pretrained(
                 path, subfolder="transformer", local_files_only=True, dtype=torch.bfloat16,
                 **self._load_placement(path / "transformer"),
             )
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise ModelUnavailable(
-                f"could not load {self.settings.vace_model_id} from {path}: {type(exc).__name__}: {exc}",
-                refresh_worker=True,
-            ) from exc
         from .accel import optimize_transformer
 
         optimize_transformer(transformer, self.settings)
@@ -217,17 +220,11 @@ class ModelManager:
 
                 path = self.locator.resolve(self.settings.qwen_model)
                 started = time.perf_counter()
-                try:
+                with load_errors(self.settings.qwen_model, path):
                     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
                     model = AutoModelForCausalLM.from_pretrained(
                         path, local_files_only=True, dtype=torch.bfloat16, **self._load_placement(path)
                     )
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    raise ModelUnavailable(
-                        f"could not load {self.settings.qwen_model} from {path}: {type(exc).__name__}: {exc}"
-                    ) from exc
                 model.eval()
                 from .accel import prepare_qwen
                 from .enhance import generation_kwargs
