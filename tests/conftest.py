@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from wan_worker.local_s3 import ACCESS_KEY as S3_KEY  # the dev S3 server is shared with tests
-from wan_worker.local_s3 import BUCKET, S3Server, free_port, start_s3, wait_for_port  # noqa: F401
+from wan_worker.local_s3 import BUCKET, S3Server, free_port, start_s3, wait_for_port
 from wan_worker.local_s3 import SECRET_KEY as S3_SECRET
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -171,7 +171,7 @@ class CallbackReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 expected = "sha256=" + hmac.new(receiver.secret.encode(), body, hashlib.sha256).hexdigest()
                 ok = hmac.compare_digest(self.headers.get("X-Callback-Signature", ""), expected)
@@ -332,10 +332,23 @@ def s3_settings(server: S3Server, endpoint: str | None = None) -> dict[str, Any]
 
 
 #: A small, fast job of each kind for in-process runs (256x256, 1-2 steps, 5 frames).
-SMALL_VIDEO = {"job_type": "video_fast", "prompt": "a small test video", "width": 256, "height": 256,
-               "frame_num": 5, "seed": 3, "config": {"num_inference_steps": 2}}
-SMALL_IMAGE = {"job_type": "image_fast", "prompt": "a small test image", "width": 256, "height": 256,
-               "seed": 3, "config": {"num_inference_steps": 1}}
+SMALL_VIDEO = {
+    "job_type": "video_fast",
+    "prompt": "a small test video",
+    "width": 256,
+    "height": 256,
+    "frame_num": 5,
+    "seed": 3,
+    "config": {"num_inference_steps": 2},
+}
+SMALL_IMAGE = {
+    "job_type": "image_fast",
+    "prompt": "a small test image",
+    "width": 256,
+    "height": 256,
+    "seed": 3,
+    "config": {"num_inference_steps": 1},
+}
 
 
 def png_data_uri(size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 40, 40)) -> str:

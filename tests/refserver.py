@@ -54,7 +54,7 @@ class RefServer:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server.hits.append(self.path)
                 if self.path == "/hang":
                     time.sleep(30)

@@ -13,7 +13,17 @@ import sys
 
 from conftest import ROOT
 
-SECTIONS_THAT_RUN = ("write_models", "cold_start", "transformer", "vae", "reference", "worker", "cpu_stages", "qwen", "scaling")
+SECTIONS_THAT_RUN = (
+    "write_models",
+    "cold_start",
+    "transformer",
+    "vae",
+    "reference",
+    "worker",
+    "cpu_stages",
+    "qwen",
+    "scaling",
+)
 GPU_ONLY = ("attention", "residency")
 
 
@@ -24,9 +34,26 @@ def positive(x) -> bool:
 def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "wan_worker.bench", "--tiny", "--s3", "none", "--out", str(out),
-         "--work-dir", str(tmp_path / "work"), "--tiny-models-dir", str(tiny_models), "--x264-presets", "fast"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "wan_worker.bench",
+            "--tiny",
+            "--s3",
+            "none",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--tiny-models-dir",
+            str(tiny_models),
+            "--x264-presets",
+            "fast",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,7 +80,14 @@ def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
     for key in ("total_s", "text_encoding_s", "denoising_s", "vae_decode_and_postprocess_s"):
         assert positive(uncached[key]), key
     assert uncached["total_s"] >= uncached["denoising_s"]
-    assert set(uncached["worker_timings"]) >= {"text_encoding", "denoising", "vae_decode", "encoding", "uploading", "total"}
+    assert set(uncached["worker_timings"]) >= {
+        "text_encoding",
+        "denoising",
+        "vae_decode",
+        "encoding",
+        "uploading",
+        "total",
+    }
     assert uncached["step_cache"] == {"mode": "off", "threshold": None}
     # same weights, prompt and seed as plain diffusers: only the VAE precision differs
     assert uncached["psnr_vs_reference_db"] > 25
@@ -66,7 +100,11 @@ def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
         assert cpu[clip]["mp4_bytes"] > 0 and positive(cpu[clip]["encode_s"]) and cpu[clip]["mp4_psnr_db"] > 25
 
     vae = sections["vae"]
-    assert vae["fp32"]["psnr_vs_fp32"] == float("inf") or vae["fp32"]["psnr_vs_fp32"] is None or vae["fp32"]["psnr_vs_fp32"] > 99
+    assert (
+        vae["fp32"]["psnr_vs_fp32"] == float("inf")
+        or vae["fp32"]["psnr_vs_fp32"] is None
+        or vae["fp32"]["psnr_vs_fp32"] > 99
+    )
     assert positive(vae["bf16"]["decode_s"]) and vae["bf16"]["psnr_vs_fp32"] > 20
 
     qwen = sections["qwen"]

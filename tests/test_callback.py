@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import (
     BUCKET,
     CALLBACK_SECRET,
@@ -27,7 +26,11 @@ from conftest import (
 
 def callback_worker(tiny_models, s3, url, **extra):
     return tiny_worker(
-        tiny_models, **s3_settings(s3), callback_url=url, callback_secret=CALLBACK_SECRET, **{"callback_attempts": 4, **extra}
+        tiny_models,
+        **s3_settings(s3),
+        callback_url=url,
+        callback_secret=CALLBACK_SECRET,
+        **{"callback_attempts": 4, **extra},
     )
 
 
@@ -102,7 +105,9 @@ def test_receiver_down_keeps_the_job_result(tiny_models, s3):
 
 def test_failure_callback_for_a_failed_job(tiny_models, s3):
     bad_reference = {
-        **SMALL_VIDEO, "id": "cb-fail-1", "strict_references": True,
+        **SMALL_VIDEO,
+        "id": "cb-fail-1",
+        "strict_references": True,
         "first_frame": "data:image/png;base64,not base64 at all!",
     }
     with CallbackReceiver() as receiver:
@@ -126,8 +131,9 @@ def test_failure_callback_for_invalid_input(tiny_models, s3):
     """A job rejected at validation is a failed job too: the platform hears about it."""
     with CallbackReceiver() as receiver:
         worker = callback_worker(tiny_models, s3, receiver.url)
-        out = handle(worker, {"id": "cb-invalid", "type": "video_fast", "prompt": "x", "width": "wide"},
-                     job_id="rp-123")
+        out = handle(
+            worker, {"id": "cb-invalid", "type": "video_fast", "prompt": "x", "width": "wide"}, job_id="rp-123"
+        )
     assert out["error_code"] == "invalid_input" and "width" in out["error"]
     assert out["callback_delivered"] is True
     (delivery,) = receiver.deliveries

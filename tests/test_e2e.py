@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import requests
-
 from conftest import BUCKET, run_test_input, worker_env
 from mediacheck import open_image, probe_video
 
@@ -61,8 +60,7 @@ def test_video_job_through_test_input(tiny_models, s3, tmp_path):
 
 
 def test_image_job_returns_png_via_runsync(api_worker, s3):
-    out = api_worker.runsync({"job_type": "image_fast", "prompt": "a lighthouse", "seed": 5, **SMALL,
-                              "frame_num": 33})
+    out = api_worker.runsync({"job_type": "image_fast", "prompt": "a lighthouse", "seed": 5, **SMALL, "frame_num": 33})
     assert out["status"] == "COMPLETED", out
     result = out["output"]
     (asset,) = result["assets"]
@@ -77,8 +75,7 @@ def test_image_job_returns_png_via_runsync(api_worker, s3):
 
 
 def test_same_seed_same_output_and_random_seed_reported(api_worker):
-    job = {"job_type": "image_fast", "prompt": "a teapot", "seed": 1234, **SMALL,
-           "config": {"num_inference_steps": 2}}
+    job = {"job_type": "image_fast", "prompt": "a teapot", "seed": 1234, **SMALL, "config": {"num_inference_steps": 2}}
     first = api_worker.runsync(job)["output"]
     second = api_worker.runsync(job)["output"]
     assert fetch(first["assets"][0]["url"]) == fetch(second["assets"][0]["url"])
@@ -104,6 +101,7 @@ def test_bad_inputs_name_the_field_and_worker_keeps_serving(api_worker):
         out = api_worker.runsync(job_input)
         assert out["status"] == "FAILED", (job_input, out)
         assert field in out["error"], (field, out["error"])
-    ok = api_worker.runsync({"job_type": "image_fast", "prompt": "still alive", **SMALL,
-                             "config": {"num_inference_steps": 1}})
+    ok = api_worker.runsync(
+        {"job_type": "image_fast", "prompt": "still alive", **SMALL, "config": {"num_inference_steps": 1}}
+    )
     assert ok["status"] == "COMPLETED"

@@ -49,8 +49,15 @@ def trained_qwen(tiny_models, tmp_path_factory) -> Path:
 
 
 def make_worker(tiny_models: Path, qwen: Path | str, **overrides) -> Worker:
-    return Worker(Settings(model_profile="tiny", tiny_models_dir=tiny_models, qwen_model=str(qwen),
-                           inline_max_bytes=50_000_000, **overrides))
+    return Worker(
+        Settings(
+            model_profile="tiny",
+            tiny_models_dir=tiny_models,
+            qwen_model=str(qwen),
+            inline_max_bytes=50_000_000,
+            **overrides,
+        )
+    )
 
 
 def run(worker: Worker, job_input: dict) -> dict:
@@ -90,7 +97,7 @@ def test_enhanced_job_uses_the_model_and_decodes_only_new_tokens(tiny_models, tr
 
     # generation stopped at the delimiter, far short of ENHANCE_MAX_NEW_TOKENS
     fresh = make_worker(tiny_models, trained_qwen).enhancer.enhance("a cat", "video_fast", "fast")
-    model, tokenizer = worker.manager.qwen()
+    _model, tokenizer = worker.manager.qwen()
     expected = len(tokenizer(" " + TARGET + E.DELIMITER).input_ids)
     assert fresh.enhanced_prompt == TARGET and expected - 3 <= fresh.new_tokens <= expected + 1
 
@@ -181,8 +188,12 @@ def test_residency_moves_models_under_a_budget(tiny_models, trained_qwen):
 
 
 def test_health_and_debug_env_never_leak(tiny_models, monkeypatch):
-    secrets = {"BUCKET_SECRET_ACCESS_KEY": "s3-secret-value-xyz", "CALLBACK_SECRET": "cb-secret-value-xyz",
-               "HF_TOKEN": "hf_tokenvalue123456", "RUNPOD_AI_API_KEY": "rp-api-key-987654"}
+    secrets = {
+        "BUCKET_SECRET_ACCESS_KEY": "s3-secret-value-xyz",
+        "CALLBACK_SECRET": "cb-secret-value-xyz",
+        "HF_TOKEN": "hf_tokenvalue123456",
+        "RUNPOD_AI_API_KEY": "rp-api-key-987654",
+    }
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
     worker = make_worker(tiny_models, tiny_models / QWEN_BASE_DIR)
@@ -193,11 +204,17 @@ def test_health_and_debug_env_never_leak(tiny_models, monkeypatch):
     for value in secrets.values():
         assert value not in text and value[:6] not in text
     health = run(worker, {"action": "health"})
-    for key in ("status", "qwen_loaded", "wan_loaded", "worker_ready", "timestamp",
-                "gpu_memory_used_gib", "gpu_memory_free_gib"):
+    for key in (
+        "status",
+        "qwen_loaded",
+        "wan_loaded",
+        "worker_ready",
+        "timestamp",
+        "gpu_memory_used_gib",
+        "gpu_memory_free_gib",
+    ):
         assert key in health
     assert health["status"] == "healthy" and health["worker_ready"] is True
-
 
 
 def test_deferred_stop_check_is_enabled_for_cuda_only():

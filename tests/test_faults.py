@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-
 from conftest import (
     BUCKET,
     CALLBACK_SECRET,
@@ -79,8 +78,9 @@ def test_s3_server_killed_mid_job(tiny_models, tmp_path, work_dir):
     """A dedicated SeaweedFS is SIGKILLed when the job reaches its upload stage."""
     server = start_s3(tmp_path / "doomed-s3")
     try:
-        worker = tiny_worker(tiny_models, **s3_settings(server), work_dir=work_dir, upload_attempts=2,
-                             upload_timeout_s=3)
+        worker = tiny_worker(
+            tiny_models, **s3_settings(server), work_dir=work_dir, upload_attempts=2, upload_timeout_s=3
+        )
         assert handle(worker, {**SMALL_IMAGE, "id": "before-kill"})["status"] == "completed"
 
         def kill_at_upload(payload: dict) -> None:
@@ -137,8 +137,9 @@ def test_s3_always_500_fails_retryable_after_the_configured_attempts(tiny_models
 
 def test_slow_s3_times_out_then_the_retry_succeeds(tiny_models, s3, proxy, work_dir):
     proxy.delay_s, proxy.delay_count, proxy.methods = 4.0, 1, {"PUT"}
-    worker = tiny_worker(tiny_models, **s3_settings(s3, proxy.endpoint), work_dir=work_dir, upload_attempts=3,
-                         upload_timeout_s=1.0)
+    worker = tiny_worker(
+        tiny_models, **s3_settings(s3, proxy.endpoint), work_dir=work_dir, upload_attempts=3, upload_timeout_s=1.0
+    )
     started = time.monotonic()
     out = handle(worker, {**SMALL_IMAGE, "id": "s3-slow"})
     assert out["status"] == "completed", out
@@ -151,8 +152,9 @@ def test_slow_s3_times_out_then_the_retry_succeeds(tiny_models, s3, proxy, work_
 
 def test_slow_s3_beyond_every_attempt_fails_retryable(tiny_models, s3, proxy, work_dir):
     proxy.delay_s, proxy.delay_count, proxy.methods = 3.0, 2, {"PUT"}
-    worker = tiny_worker(tiny_models, **s3_settings(s3, proxy.endpoint), work_dir=work_dir, upload_attempts=2,
-                         upload_timeout_s=0.5)
+    worker = tiny_worker(
+        tiny_models, **s3_settings(s3, proxy.endpoint), work_dir=work_dir, upload_attempts=2, upload_timeout_s=0.5
+    )
     started = time.monotonic()
     out = handle(worker, {**SMALL_IMAGE, "id": "s3-too-slow"})
     assert out["error_code"] == "storage_error" and out["retryable"] is True, out
@@ -200,8 +202,15 @@ def test_job_timeout_bounds_a_hanging_reference_fetch(tiny_models, hanging_host)
 
 
 def test_callback_receiver_down_loses_nothing(tiny_models, s3, work_dir):
-    worker = tiny_worker(tiny_models, **s3_settings(s3), work_dir=work_dir, callback_url=f"http://127.0.0.1:{free_port()}/cb",
-                         callback_secret=CALLBACK_SECRET, callback_attempts=2, callback_timeout_s=1)
+    worker = tiny_worker(
+        tiny_models,
+        **s3_settings(s3),
+        work_dir=work_dir,
+        callback_url=f"http://127.0.0.1:{free_port()}/cb",
+        callback_secret=CALLBACK_SECRET,
+        callback_attempts=2,
+        callback_timeout_s=1,
+    )
     out = handle(worker, {**SMALL_VIDEO, "id": "cb-down-faults"})
     assert out["status"] == "completed" and out["callback_delivered"] is False
     assert_stored(s3.client(), out)
@@ -214,8 +223,9 @@ def test_callback_receiver_down_loses_nothing(tiny_models, s3, work_dir):
 
 def test_cuda_oom_degrades_quality_once_then_succeeds(tiny_models, work_dir):
     worker = tiny_worker(tiny_models, work_dir=work_dir)
-    hook = RaiseInForward(worker, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-                          times=1)
+    hook = RaiseInForward(
+        worker, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), times=1
+    )
     try:
         out = handle(worker, {**SMALL_IMAGE, "quality": "high", "config": {}})
     finally:
@@ -238,8 +248,9 @@ def test_cuda_oom_twice_fails_retryable_and_refreshes_the_worker(tiny_models, wo
         assert out["error_code"] == "out_of_memory" and out["retryable"] is True
         assert out["refresh_worker"] is True
         # Through the SDK's own job runner: the flag becomes stopPod, the job FAILED.
-        result = asyncio.run(rp_job.run_job(lambda job: worker.handle(job, send=lambda p: None),
-                                            {"id": "rp-oom", "input": SMALL_IMAGE}))
+        result = asyncio.run(
+            rp_job.run_job(lambda job: worker.handle(job, send=lambda p: None), {"id": "rp-oom", "input": SMALL_IMAGE})
+        )
         assert result["stopPod"] is True and "out of GPU memory" in result["error"]
         assert "refresh_worker" not in result["output"]
     finally:
@@ -361,10 +372,11 @@ def test_each_job_gets_its_own_temp_dir_removed_afterwards(tiny_models, s3, work
     worker = tiny_worker(tiny_models, **s3_settings(s3), work_dir=work_dir)
     assert handle(worker, {**SMALL_VIDEO, "id": "tmp-a"})["status"] == "completed"
     assert handle(worker, {**SMALL_IMAGE, "id": "tmp-b"})["status"] == "completed"
-    failing = tiny_worker(tiny_models, **s3_settings(s3, f"http://127.0.0.1:{free_port()}"), work_dir=work_dir,
-                          upload_attempts=1)
+    failing = tiny_worker(
+        tiny_models, **s3_settings(s3, f"http://127.0.0.1:{free_port()}"), work_dir=work_dir, upload_attempts=1
+    )
     assert handle(failing, {**SMALL_IMAGE, "id": "tmp-c"})["error_code"] == "storage_error"
     assert len(seen) == len(set(seen)) == 3
-    assert all(job in path.name for path, job in zip(seen, ("tmp-a", "tmp-b", "tmp-c")))
+    assert all(job in path.name for path, job in zip(seen, ("tmp-a", "tmp-b", "tmp-c"), strict=False))
     assert not any(path.exists() for path in seen)
     assert_clean(work_dir)

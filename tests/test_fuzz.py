@@ -23,13 +23,16 @@ import threading
 from typing import Any
 
 import pytest
+from conftest import SMALL_IMAGE, SMALL_VIDEO, png_data_uri, tiny_worker
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import SMALL_IMAGE, SMALL_VIDEO, png_data_uri, tiny_worker
-
-COMMON = dict(deadline=None, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+COMMON = dict(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
 #: Examples per test: (ci, long).
 COUNTS = {"arbitrary_json": (300, 20_000), "mutated_jobs": (150, 5_000), "references": (40, 1_500)}
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
@@ -44,13 +47,27 @@ def examples(test: str) -> settings:
 
 
 JOB_TYPES = [
-    "image_fast", "image_high", "video_fast", "video_high",
-    "image7b_fast_enhanced", "image7b_high_enhanced", "video7b_fast_enhanced", "video7b_high_enhanced",
+    "image_fast",
+    "image_high",
+    "video_fast",
+    "video_high",
+    "image7b_fast_enhanced",
+    "image7b_high_enhanced",
+    "video7b_fast_enhanced",
+    "video7b_high_enhanced",
 ]
 MODES = ["none", "single", "start", "end", "both"]
 ERROR_CODES = {
-    "invalid_input", "reference_unavailable", "model_unavailable", "storage_error", "storage_not_configured",
-    "job_timeout", "generation_failed", "out_of_memory", "cuda_error", "disk_full",
+    "invalid_input",
+    "reference_unavailable",
+    "model_unavailable",
+    "storage_error",
+    "storage_not_configured",
+    "job_timeout",
+    "generation_failed",
+    "out_of_memory",
+    "cuda_error",
+    "disk_full",
 }
 PER_JOB_LIMIT_S = 90  # a "hang" is anything slower than this, for jobs this small
 
@@ -162,24 +179,47 @@ TOP_KEYS = {
     "id": JSON,
     "user_id": st.one_of(st.sampled_from(["u-1", "../../etc", "a" * 200]), JSON),
     "metadata": st.one_of(
-        st.fixed_dictionaries({}, optional={
-            "reference_image_url": REFERENCES, "start_reference_url": REFERENCES, "end_reference_url": REFERENCES,
-            "reference_strength": JSON, "denoise_strength": JSON, "exact_copy_mode": JSON, "source": JSON,
-        }),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "reference_image_url": REFERENCES,
+                "start_reference_url": REFERENCES,
+                "end_reference_url": REFERENCES,
+                "reference_strength": JSON,
+                "denoise_strength": JSON,
+                "exact_copy_mode": JSON,
+                "source": JSON,
+            },
+        ),
         JSON,
     ),
     **{k: cost_value(v) for k, v in COST_KEYS.items()},
 }
 CONFIG_KEYS = {
-    "guidance_scale": JSON, "sample_guide_scale": JSON, "seed": JSON, "sample_shift": JSON, "fps": JSON,
-    "negative_prompt": JSON, "image": REFERENCES, "first_frame": REFERENCES, "last_frame": REFERENCES,
-    "denoise_strength": JSON, "reference_strength": JSON, "unknown_override": JSON,
+    "guidance_scale": JSON,
+    "sample_guide_scale": JSON,
+    "seed": JSON,
+    "sample_shift": JSON,
+    "fps": JSON,
+    "negative_prompt": JSON,
+    "image": REFERENCES,
+    "first_frame": REFERENCES,
+    "last_frame": REFERENCES,
+    "denoise_strength": JSON,
+    "reference_strength": JSON,
+    "unknown_override": JSON,
     **{k: cost_value(v) for k, v in CONFIG_COST_KEYS.items()},
 }
 
 FRONT_END = {**SMALL_VIDEO, "prompt": "a fuzzed fox", "frame_num": 5}
-QUEUE = {"id": "q-fuzz", "type": "image_fast", "prompt": "a fuzzed owl", "user_id": "u-fuzz",
-         "config": {"num_inference_steps": 1, "size": "256*256", "frame_num": 5}, "metadata": {"source": "edge"}}
+QUEUE = {
+    "id": "q-fuzz",
+    "type": "image_fast",
+    "prompt": "a fuzzed owl",
+    "user_id": "u-fuzz",
+    "config": {"num_inference_steps": 1, "size": "256*256", "frame_num": 5},
+    "metadata": {"source": "edge"},
+}
 
 
 @st.composite
@@ -247,7 +287,9 @@ def run_bounded(worker, job_input: Any, job_id: Any = "fuzz") -> dict:
     thread.join(PER_JOB_LIMIT_S)
     assert not thread.is_alive(), f"the handler hung for over {PER_JOB_LIMIT_S}s"
     if "exc" in box:
-        raise AssertionError(f"uncaught {type(box['exc']).__name__} escaped the handler: {box['exc']!r}") from box["exc"]
+        raise AssertionError(f"uncaught {type(box['exc']).__name__} escaped the handler: {box['exc']!r}") from box[
+            "exc"
+        ]
     return box["out"]
 
 
@@ -305,9 +347,19 @@ def test_mutated_jobs(fuzz_worker, job_input):
     job_type=st.sampled_from(JOB_TYPES),
     mode=st.sampled_from([*MODES, None]),
     sources=st.dictionaries(
-        st.sampled_from(["reference_image_url", "first_frame", "last_frame", "config.image", "config.first_frame",
-                         "config.last_frame", "metadata.reference_image_url", "metadata.start_reference_url",
-                         "metadata.end_reference_url"]),
+        st.sampled_from(
+            [
+                "reference_image_url",
+                "first_frame",
+                "last_frame",
+                "config.image",
+                "config.first_frame",
+                "config.last_frame",
+                "metadata.reference_image_url",
+                "metadata.start_reference_url",
+                "metadata.end_reference_url",
+            ]
+        ),
         st.sampled_from([GOOD_REF, *BAD_REFERENCES]),
         max_size=3,
     ),
@@ -316,9 +368,16 @@ def test_mutated_jobs(fuzz_worker, job_input):
     exact_copy=st.booleans(),
 )
 def test_every_job_type_and_reference_mode(fuzz_worker, job_type, mode, sources, strict, strength, exact_copy):
-    job: dict[str, Any] = {"job_type": job_type, "prompt": "a fuzzed reference job", "width": 256, "height": 256,
-                           "frame_num": 5, "strict_references": strict, "config": {"num_inference_steps": 1},
-                           "metadata": {"exact_copy_mode": exact_copy}}
+    job: dict[str, Any] = {
+        "job_type": job_type,
+        "prompt": "a fuzzed reference job",
+        "width": 256,
+        "height": 256,
+        "frame_num": 5,
+        "strict_references": strict,
+        "config": {"num_inference_steps": 1},
+        "metadata": {"exact_copy_mode": exact_copy},
+    }
     if mode is not None:
         job["reference_mode"] = mode
     if strength is not None:
@@ -340,11 +399,24 @@ def test_every_job_type_and_reference_mode(fuzz_worker, job_type, mode, sources,
 def test_strict_invalid_reference_names_the_field(fuzz_worker, job_type, mode):
     """Every job type x every mode with an undecodable reference and ``strict_references``."""
     bad = "data:image/png;base64,%%%"
-    fields = {"single": ["reference_image_url"], "start": ["first_frame"], "end": ["last_frame"],
-              "both": ["first_frame", "last_frame"], "none": []}[mode]
-    job = {"job_type": job_type, "prompt": "strict", "width": 256, "height": 256, "frame_num": 5,
-           "reference_mode": mode, "strict_references": True, "config": {"num_inference_steps": 1},
-           **{f: bad for f in fields}}
+    fields = {
+        "single": ["reference_image_url"],
+        "start": ["first_frame"],
+        "end": ["last_frame"],
+        "both": ["first_frame", "last_frame"],
+        "none": [],
+    }[mode]
+    job = {
+        "job_type": job_type,
+        "prompt": "strict",
+        "width": 256,
+        "height": 256,
+        "frame_num": 5,
+        "reference_mode": mode,
+        "strict_references": True,
+        "config": {"num_inference_steps": 1},
+        **{f: bad for f in fields},
+    }
     if mode == "none":
         job["reference_image_url"] = bad  # given but not used: no error, a warning
         out = run_bounded(fuzz_worker, job)

@@ -15,7 +15,6 @@ import runpy
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, handle, tiny_worker
 
 HUB = ROOT / ".runpod" / "hub.json"

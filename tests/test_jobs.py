@@ -14,7 +14,9 @@ def job(raw: dict, job_id: str = "j1"):
     return build_job(parse_job_input(raw), job_id)
 
 
-@pytest.mark.parametrize("frames, expected", [(1, 1), (2, 1), (3, 1), (4, 5), (5, 5), (81, 81), (83, 81), (84, 85), (121, 121)])
+@pytest.mark.parametrize(
+    "frames, expected", [(1, 1), (2, 1), (3, 1), (4, 5), (5, 5), (81, 81), (83, 81), (84, 85), (121, 121)]
+)
 def test_frames_snap_to_nearest_4k_plus_1(frames, expected):
     assert P.nearest_valid_frames(frames) == expected
 
@@ -31,8 +33,20 @@ def test_every_job_type_has_its_preset(job_type):
 
 
 def test_front_end_shape():
-    j = job({"job_type": "video7b_high_enhanced", "prompt": " a cat ", "negative_prompt": "blur", "width": 512,
-             "height": 768, "frame_num": 83, "fps": 24, "quality": "balanced", "seed": 7, "target_worker": "wan"})
+    j = job(
+        {
+            "job_type": "video7b_high_enhanced",
+            "prompt": " a cat ",
+            "negative_prompt": "blur",
+            "width": 512,
+            "height": 768,
+            "frame_num": 83,
+            "fps": 24,
+            "quality": "balanced",
+            "seed": 7,
+            "target_worker": "wan",
+        }
+    )
     assert (j.prompt, j.negative_prompt, j.width, j.height) == ("a cat", "blur", 512, 768)
     assert (j.num_frames, j.fps, j.quality, j.steps, j.guidance_scale) == (81, 24, "balanced", 35, 7.0)
     assert (j.seed, j.seed_source, j.enhance_prompt) == (7, "request", True)
@@ -40,18 +54,39 @@ def test_front_end_shape():
 
 
 def test_queue_shape_with_config_overrides():
-    j = job({"id": "abc", "type": "video_fast", "prompt": "p", "user_id": "u1",
-             "config": {"sample_steps": 30, "sample_guide_scale": 5.5, "seed": 3, "sample_shift": 3.0,
-                        "frame_num": 49, "size": "832*480", "mystery": 1},
-             "metadata": {"anything": "passes"}})
+    j = job(
+        {
+            "id": "abc",
+            "type": "video_fast",
+            "prompt": "p",
+            "user_id": "u1",
+            "config": {
+                "sample_steps": 30,
+                "sample_guide_scale": 5.5,
+                "seed": 3,
+                "sample_shift": 3.0,
+                "frame_num": 49,
+                "size": "832*480",
+                "mystery": 1,
+            },
+            "metadata": {"anything": "passes"},
+        }
+    )
     assert (j.steps, j.guidance_scale, j.seed, j.flow_shift, j.num_frames) == (30, 5.5, 3, 3.0, 49)
     assert (j.width, j.height, j.user_id) == (832, 480, "u1")
     assert j.ignored_overrides == ["config.mystery"]
 
 
 def test_front_end_fields_win_over_config():
-    j = job({"job_type": "video_fast", "prompt": "p", "width": 640, "seed": 1,
-             "config": {"width": 320, "seed": 2, "num_inference_steps": 10}})
+    j = job(
+        {
+            "job_type": "video_fast",
+            "prompt": "p",
+            "width": 640,
+            "seed": 1,
+            "config": {"width": 320, "seed": 2, "num_inference_steps": 10},
+        }
+    )
     assert (j.width, j.seed, j.steps) == (640, 1, 10)
 
 
@@ -116,8 +151,14 @@ def test_non_object_input_is_refused():
 
 
 def test_reference_mode_inference_and_precedence():
-    j = job({"prompt": "p", "first_frame": "https://a/1.png", "config": {"first_frame": "https://b/2.png"},
-             "metadata": {"end_reference_url": "https://c/3.png"}})
+    j = job(
+        {
+            "prompt": "p",
+            "first_frame": "https://a/1.png",
+            "config": {"first_frame": "https://b/2.png"},
+            "metadata": {"end_reference_url": "https://c/3.png"},
+        }
+    )
     assert j.reference_mode_requested == "both"
     assert j.references["start"].value == "https://a/1.png" and j.references["start"].field == "first_frame"
     assert j.references["end"].field == "metadata.end_reference_url"
@@ -127,8 +168,14 @@ def test_reference_mode_inference_and_precedence():
 
 def test_strength_rules():
     assert job({"prompt": "p", "first_frame": "https://a/1.png"}).denoise_strength == P.DEFAULT_VACE_DENOISE
-    i2i = job({"job_type": "image_fast", "prompt": "p", "reference_image_url": "https://a/1.png",
-               "metadata": {"reference_strength": 0.25}})
+    i2i = job(
+        {
+            "job_type": "image_fast",
+            "prompt": "p",
+            "reference_image_url": "https://a/1.png",
+            "metadata": {"reference_strength": 0.25},
+        }
+    )
     assert i2i.pipeline == "i2i" and i2i.denoise_strength == 0.75
     assert P.conditioning_scale_for(0.5) == 1.0 and P.conditioning_scale_for(0.0) == 2.0
     assert [P.exact_copy_steps(d) for d in (0.0, 0.05, 0.08, 0.5)] == [6, 6, 8, 10]

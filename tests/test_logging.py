@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import (
     CALLBACK_SECRET,
     S3_KEY,
@@ -34,19 +33,48 @@ from conftest import (
 )
 
 JOB_TYPES = [
-    "image_fast", "image_high", "video_fast", "video_high",
-    "image7b_fast_enhanced", "image7b_high_enhanced", "video7b_fast_enhanced", "video7b_high_enhanced",
+    "image_fast",
+    "image_high",
+    "video_fast",
+    "video_high",
+    "image7b_fast_enhanced",
+    "image7b_high_enhanced",
+    "video7b_fast_enhanced",
+    "video7b_high_enhanced",
 ]
 METRIC_FIELDS = {
-    "event", "worker", "job_type", "status", "error_code", "generation_time", "timings", "video_duration",
-    "file_size", "resolution", "fps", "quality", "reference_mode", "enhancement_applied", "peak_vram_gib",
-    "prompt_sha256", "prompt_chars", "flags",
+    "event",
+    "worker",
+    "job_type",
+    "status",
+    "error_code",
+    "generation_time",
+    "timings",
+    "video_duration",
+    "file_size",
+    "resolution",
+    "fps",
+    "quality",
+    "reference_mode",
+    "enhancement_applied",
+    "peak_vram_gib",
+    "prompt_sha256",
+    "prompt_chars",
+    "flags",
 }
 
 
 def small(job_type: str, prompt: str, **extra) -> dict:
-    return {"job_type": job_type, "prompt": prompt, "width": 256, "height": 256, "frame_num": 5, "seed": 9,
-            "config": {"num_inference_steps": 1}, **extra}
+    return {
+        "job_type": job_type,
+        "prompt": prompt,
+        "width": 256,
+        "height": 256,
+        "frame_num": 5,
+        "seed": 9,
+        "config": {"num_inference_steps": 1},
+        **extra,
+    }
 
 
 def prompt_hash(prompt: str) -> str:
@@ -86,27 +114,48 @@ def secret_run(tiny_models, s3, tmp_path_factory):
         "end": {"last_frame": ref},
         "both": {"first_frame": ref, "last_frame": ref},
     }.items():
-        jobs.append((f"video-ref:{mode}", small("video_fast", f"zebra reference {mode}", reference_mode=mode,
-                                                strict_references=True, **fields)))
-    jobs.append(("image-ref:i2i", small("image_fast", "zebra image to image", reference_image_url=ref,
-                                        strict_references=True)))
+        jobs.append(
+            (
+                f"video-ref:{mode}",
+                small("video_fast", f"zebra reference {mode}", reference_mode=mode, strict_references=True, **fields),
+            )
+        )
+    jobs.append(
+        ("image-ref:i2i", small("image_fast", "zebra image to image", reference_image_url=ref, strict_references=True))
+    )
     jobs += [
         ("action:health", {"action": "health"}),
         ("action:debug_env", {"action": "debug_env"}),
         ("action:enhance", {"action": "enhance", "prompt": "zebra enhance action"}),
         ("error:invalid", small("video_fast", "zebra invalid", width="wide")),
         ("error:unknown-type", {"job_type": "video_ultra", "prompt": "zebra unknown type"}),
-        ("error:bad-base64", small("video_fast", "zebra bad base64", strict_references=True,
-                                   first_frame="data:image/png;base64,@@@@")),
-        ("error:private-host", small("video_fast", "zebra private host", strict_references=True,
-                                     first_frame=f"http://127.0.0.1:{free_port()}/x.png")),
+        (
+            "error:bad-base64",
+            small("video_fast", "zebra bad base64", strict_references=True, first_frame="data:image/png;base64,@@@@"),
+        ),
+        (
+            "error:private-host",
+            small(
+                "video_fast",
+                "zebra private host",
+                strict_references=True,
+                first_frame=f"http://127.0.0.1:{free_port()}/x.png",
+            ),
+        ),
         ("error:missing-reference", small("video_fast", "zebra missing ref", reference_mode="both")),
     ]
     receiver = CallbackReceiver(statuses=[500])
-    env = worker_env(tiny_models, **{
-        **s3.env(), **SECRETS, "CALLBACK_URL": receiver.url,
-        "ALLOW_PRIVATE_REFERENCE_URLS": "0", "UPLOAD_ATTEMPTS": "2", "ENHANCE_MAX_NEW_TOKENS": "16",
-    })
+    env = worker_env(
+        tiny_models,
+        **{
+            **s3.env(),
+            **SECRETS,
+            "CALLBACK_URL": receiver.url,
+            "ALLOW_PRIVATE_REFERENCE_URLS": "0",
+            "UPLOAD_ATTEMPTS": "2",
+            "ENHANCE_MAX_NEW_TOKENS": "16",
+        },
+    )
     worker = start_api_worker(env, tmp_path_factory.mktemp("secret-run") / "worker.log")
     try:
         responses = {name: worker.runsync(job) for name, job in jobs}
@@ -153,7 +202,7 @@ def test_one_metrics_line_per_job_with_hashed_prompts(secret_run):
     by_hash = {prompt_hash(j["prompt"]): n for n, j in secret_run["jobs"].items() if "prompt" in j}
     assert sorted(m["job_type"] for m in completed if m["reference_mode"] == "none") == sorted(JOB_TYPES)
     for m in completed:
-        assert METRIC_FIELDS <= set(m), set(METRIC_FIELDS) - set(m)
+        assert set(m) >= METRIC_FIELDS, set(METRIC_FIELDS) - set(m)
         assert m["worker"] == "wan" and m["resolution"] == "256x256"
         assert m["generation_time"] > 0 and m["timings"]["denoising"] >= 0
         assert m["file_size"] > 0 and m["error_code"] is None
@@ -229,8 +278,13 @@ class _RaiseInForward:
 
 def test_error_paths_leak_no_secret(tiny_models, s3, tmp_path, monkeypatch, captured_logs):
     base = {
-        "MODEL_PROFILE": "tiny", "TINY_MODELS_DIR": str(tiny_models), "ALLOW_PRIVATE_REFERENCE_URLS": "1",
-        **s3.env(), **SECRETS, "UPLOAD_ATTEMPTS": "1", "CALLBACK_ATTEMPTS": "1",
+        "MODEL_PROFILE": "tiny",
+        "TINY_MODELS_DIR": str(tiny_models),
+        "ALLOW_PRIVATE_REFERENCE_URLS": "1",
+        **s3.env(),
+        **SECRETS,
+        "UPLOAD_ATTEMPTS": "1",
+        "CALLBACK_ATTEMPTS": "1",
     }
     outputs = []
 
@@ -242,8 +296,12 @@ def test_error_paths_leak_no_secret(tiny_models, s3, tmp_path, monkeypatch, capt
         worker = env_worker(monkeypatch, tmp_path, **{**base, "CALLBACK_URL": receiver.url})
         assert run(worker, {**SMALL_IMAGE, "width": 7})["error_code"] == "invalid_input"
         assert run(worker, ["not", "an", "object"])["error_code"] == "invalid_input"
-        assert run(worker, {**SMALL_IMAGE, "strict_references": True,
-                            "reference_image_url": "data:image/png;base64,!!"})["error_code"] == "reference_unavailable"
+        assert (
+            run(worker, {**SMALL_IMAGE, "strict_references": True, "reference_image_url": "data:image/png;base64,!!"})[
+                "error_code"
+            ]
+            == "reference_unavailable"
+        )
         assert run(worker, SMALL_IMAGE)["callback_delivered"] is False  # 403: refused
         assert [d.status for d in receiver.deliveries] == [200, 200, 200, 403]
         assert run(worker, {"action": "debug_env"})["env_set"]["CALLBACK_SECRET"] is True
@@ -275,8 +333,9 @@ def test_error_paths_leak_no_secret(tiny_models, s3, tmp_path, monkeypatch, capt
 
     empty = tmp_path / "no-models"
     empty.mkdir()
-    worker = env_worker(monkeypatch, tmp_path, **{**base, "MODEL_PROFILE": "full", "MODELS_DIR": str(empty),
-                                                  "HF_HOME": str(empty)})
+    worker = env_worker(
+        monkeypatch, tmp_path, **{**base, "MODEL_PROFILE": "full", "MODELS_DIR": str(empty), "HF_HOME": str(empty)}
+    )
     out = run(worker, SMALL_IMAGE)
     assert out["error_code"] == "model_unavailable" and "download_models.py" in out["error"]
 

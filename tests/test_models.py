@@ -17,19 +17,35 @@ def test_full_profile_loads_from_models_dir(tiny_models, tmp_path):
     """The full profile's code path, pointed at a MODELS_DIR laid out like download_models.py."""
     models = tmp_path / "models"
     shutil.copytree(tiny_models / T2V_DIR, models / T2V_DIR)
-    settings = Settings(model_profile="full", models_dir=models, baked_models_dir=tmp_path / "none",
-                        hf_home=tmp_path / "hf", inline_max_bytes=50_000_000)
+    settings = Settings(
+        model_profile="full",
+        models_dir=models,
+        baked_models_dir=tmp_path / "none",
+        hf_home=tmp_path / "hf",
+        inline_max_bytes=50_000_000,
+    )
     assert ModelLocator(settings).resolve("Wan-AI/Wan2.1-T2V-1.3B-Diffusers") == models / T2V_DIR
-    out = Worker(settings).handle({"id": "m1", "input": {"job_type": "image_fast", "prompt": "p", "width": 256,
-                                                         "height": 256, "config": {"num_inference_steps": 1}}},
-                                  send=lambda p: None)
+    out = Worker(settings).handle(
+        {
+            "id": "m1",
+            "input": {
+                "job_type": "image_fast",
+                "prompt": "p",
+                "width": 256,
+                "height": 256,
+                "config": {"num_inference_steps": 1},
+            },
+        },
+        send=lambda p: None,
+    )
     assert out["status"] == "completed", out
 
 
 def test_missing_weights_name_the_download_command(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    settings = Settings(model_profile="full", models_dir=tmp_path / "empty", baked_models_dir=tmp_path / "none",
-                        hf_home=tmp_path / "hf")
+    settings = Settings(
+        model_profile="full", models_dir=tmp_path / "empty", baked_models_dir=tmp_path / "none", hf_home=tmp_path / "hf"
+    )
     with pytest.raises(ModelUnavailable) as info:
         ModelLocator(settings).resolve("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     assert "builder/download_models.py --models-dir" in info.value.message
@@ -62,7 +78,6 @@ def test_warmup_on_start_loads_before_the_first_job(tiny_models, monkeypatch):
         monkeypatch.setattr(worker_module, "_worker", None)
 
 
-
 @pytest.mark.parametrize("compiler", ["works", "fails"])
 def test_fused_vae_norms_decode_like_diffusers(tiny_models, monkeypatch, compiler):
     """Each decoder norm that feeds a SiLU computes both, and its module's activation becomes
@@ -78,7 +93,9 @@ def test_fused_vae_norms_decode_like_diffusers(tiny_models, monkeypatch, compile
     def broken(*args, **kwargs):
         raise RuntimeError("no C compiler")
 
-    monkeypatch.setattr(torch, "compile", (lambda fn, **kwargs: fn) if compiler == "works" else (lambda fn, **kwargs: broken))
+    monkeypatch.setattr(
+        torch, "compile", (lambda fn, **kwargs: fn) if compiler == "works" else (lambda fn, **kwargs: broken)
+    )
     REPORT.pop("compile_errors", None)
     reference = AutoencoderKLWan.from_pretrained(tiny_models / T2V_DIR, subfolder="vae").eval()
     fused = AutoencoderKLWan.from_pretrained(tiny_models / T2V_DIR, subfolder="vae").eval()
@@ -107,6 +124,7 @@ def test_transformer_blocks_run_eagerly_when_compile_fails(tiny_models, monkeypa
     def failing_compile(fn, **kwargs):
         def call(*args, **kw):
             raise RuntimeError("inductor: no working C compiler")
+
         return call
 
     monkeypatch.setattr(torch, "compile", failing_compile)

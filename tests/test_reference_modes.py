@@ -12,14 +12,20 @@ import numpy as np
 import pytest
 import requests
 from diffusers import WanPipeline, WanVACEPipeline, WanVideoToVideoPipeline
-
 from refserver import RefServer
+
 from wan_worker.settings import Settings
 from wan_worker.worker import Worker
 
 SMALL = {"width": 256, "height": 256}
-VIDEO = {"job_type": "video_fast", "prompt": "a ball rolls", "seed": 3, "frame_num": 9, **SMALL,
-         "config": {"num_inference_steps": 2}}
+VIDEO = {
+    "job_type": "video_fast",
+    "prompt": "a ball rolls",
+    "seed": 3,
+    "frame_num": 9,
+    **SMALL,
+    "config": {"num_inference_steps": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +129,14 @@ def test_each_video_mode_conditions_vace(worker, server, calls, mode, fields):
 
 
 def test_config_and_metadata_fallbacks_feed_the_references(worker, server, calls):
-    out = run(worker, {**VIDEO, "config": {"num_inference_steps": 2, "first_frame": server.url("/red.png")},
-                       "metadata": {"end_reference_url": server.url("/blue.png"), "reference_strength": 0.8}})
+    out = run(
+        worker,
+        {
+            **VIDEO,
+            "config": {"num_inference_steps": 2, "first_frame": server.url("/red.png")},
+            "metadata": {"end_reference_url": server.url("/blue.png"), "reference_strength": 0.8},
+        },
+    )
     meta = out["assets"][0]["metadata"]
     assert meta["reference_mode_applied"] == "both"
     assert meta["denoise_strength"] == pytest.approx(0.2)  # 1 - reference_strength
@@ -132,9 +144,15 @@ def test_config_and_metadata_fallbacks_feed_the_references(worker, server, calls
 
 
 def test_image_job_with_reference_runs_image_to_image(worker, server, calls):
-    job = {"job_type": "image_fast", "prompt": "a red square", "seed": 9, **SMALL,
-           "reference_image_url": server.url("/red.png"), "denoise_strength": 0.4,
-           "config": {"num_inference_steps": 10}}
+    job = {
+        "job_type": "image_fast",
+        "prompt": "a red square",
+        "seed": 9,
+        **SMALL,
+        "reference_image_url": server.url("/red.png"),
+        "denoise_strength": 0.4,
+        "config": {"num_inference_steps": 10},
+    }
     out = run(worker, job)
     name, kwargs = calls[-1]
     assert name == "WanVideoToVideoPipeline"
@@ -149,26 +167,52 @@ def test_image_job_with_reference_runs_image_to_image(worker, server, calls):
 
 
 def test_exact_copy_mode_clamps(worker, server, calls):
-    out = run(worker, {"job_type": "image_high", "prompt": "copy", "seed": 1, **SMALL,
-                       "negative_prompt": "ugly", "reference_image_url": server.url("/red.png"),
-                       "denoise_strength": 0.9, "metadata": {"exact_copy_mode": True}})
+    out = run(
+        worker,
+        {
+            "job_type": "image_high",
+            "prompt": "copy",
+            "seed": 1,
+            **SMALL,
+            "negative_prompt": "ugly",
+            "reference_image_url": server.url("/red.png"),
+            "denoise_strength": 0.9,
+            "metadata": {"exact_copy_mode": True},
+        },
+    )
     meta, asset = out["metadata"], out["assets"][0]["metadata"]
     assert asset["denoise_strength"] == 0.05
     assert meta["guidance_scale"] == 1.0 and meta["negative_prompt"] == ""
     assert 6 <= meta["scheduler_steps"] <= 10 and meta["steps"] == 1
-    name, kwargs = calls[-1]
+    _name, kwargs = calls[-1]
     assert kwargs["guidance_scale"] == 1.0 and kwargs["negative_prompt_embeds"] is None
 
 
 def test_outside_exact_copy_parameters_are_respected(worker, server, calls):
-    out = run(worker, {"job_type": "image_high", "prompt": "p", **SMALL, "reference_image_url": server.url("/red.png"),
-                       "denoise_strength": 0.9, "config": {"num_inference_steps": 5, "guidance_scale": 9.0}})
+    out = run(
+        worker,
+        {
+            "job_type": "image_high",
+            "prompt": "p",
+            **SMALL,
+            "reference_image_url": server.url("/red.png"),
+            "denoise_strength": 0.9,
+            "config": {"num_inference_steps": 5, "guidance_scale": 9.0},
+        },
+    )
     assert out["metadata"]["guidance_scale"] == 9.0 and out["metadata"]["steps"] == 4
     assert out["assets"][0]["metadata"]["denoise_strength"] == 0.9
 
 
-@pytest.mark.parametrize("path, reason", [("/missing.png", "HTTP 404"), ("/notimage", "not a decodable image"),
-                                          ("/bomb.png", "over the cap"), ("/hang", "timed out")])
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("/missing.png", "HTTP 404"),
+        ("/notimage", "not a decodable image"),
+        ("/bomb.png", "over the cap"),
+        ("/hang", "timed out"),
+    ],
+)
 def test_unusable_reference_falls_back_visibly(worker, server, calls, path, reason):
     out = run(worker, {**VIDEO, "first_frame": server.url(path)})
     assert out["status"] == "completed"
@@ -221,9 +265,17 @@ def test_each_mode_end_to_end_through_handler(api_worker, server, fields, mode, 
 
 
 def test_image_to_image_end_to_end_through_handler(api_worker, server):
-    out = api_worker.runsync({"job_type": "image_fast", "prompt": "p", "seed": 2, **SMALL,
-                              "reference_image_url": server.url("/green.png"), "reference_strength": 0.5,
-                              "config": {"num_inference_steps": 4}})["output"]
+    out = api_worker.runsync(
+        {
+            "job_type": "image_fast",
+            "prompt": "p",
+            "seed": 2,
+            **SMALL,
+            "reference_image_url": server.url("/green.png"),
+            "reference_strength": 0.5,
+            "config": {"num_inference_steps": 4},
+        }
+    )["output"]
     meta = out["assets"][0]["metadata"]
     assert meta["pipeline"] == "i2i" and meta["conditioning"] == {"input_frames": 1, "strength": 0.5}
     assert out["metadata"]["steps"] == 2 and out["assets"][0]["path"].endswith("/0.png")

@@ -10,8 +10,8 @@ import types
 
 import pytest
 from PIL import Image
-
 from refserver import RefServer, png_bytes
+
 from wan_worker import references as R
 from wan_worker.settings import Settings
 
@@ -37,7 +37,7 @@ def test_fetches_and_decodes_png(server):
 def test_alpha_is_flattened_onto_white(server):
     image = R.load_reference(server.url("/alpha.png"), settings())
     assert image.mode == "RGB"
-    r, g, b = image.getpixel((100, 50))
+    r, _g, b = image.getpixel((100, 50))
     assert r > 100 and b > 100  # half-transparent green over white, not over black
 
 
@@ -101,7 +101,7 @@ def test_decompression_bomb_refused_before_decoding(server):
 @pytest.mark.parametrize("path", ["/hang", "/drip"])
 def test_slow_hosts_are_bounded_in_time(server, path):
     started = time.monotonic()
-    with pytest.raises(R.ReferenceFetchError, match="timed out|longer than"):
+    with pytest.raises(R.ReferenceFetchError, match=r"timed out|longer than"):
         R.load_reference(server.url(path), settings(reference_timeout_s=1.0))
     assert time.monotonic() - started < 4.0
 

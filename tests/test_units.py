@@ -9,9 +9,9 @@ import logging
 import numpy as np
 import pytest
 import requests
+from mediacheck import probe_video
 from PIL import Image
 
-from mediacheck import probe_video
 from wan_worker import logs
 from wan_worker.errors import StorageError
 from wan_worker.media import encode

@@ -73,7 +73,9 @@ def enable_fa3() -> bool:
     return True
 
 
-def _time_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Tensor | None) -> tuple[float, float]:
+def _time_attention(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Tensor | None
+) -> tuple[float, float]:
     """Median seconds of one attention call through diffusers' dispatcher, and its error vs ``ref``."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -94,7 +96,9 @@ def _time_attention(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return sorted(times)[2], err
 
 
-def measure_attention_backends(tokens: int = DEFAULT_TOKENS, candidates: tuple[str, ...] = ATTENTION_CANDIDATES, text_len: int = 512) -> dict[str, dict]:
+def measure_attention_backends(
+    tokens: int = DEFAULT_TOKENS, candidates: tuple[str, ...] = ATTENTION_CANDIDATES, text_len: int = 512
+) -> dict[str, dict]:
     """Each usable backend on one Wan block's two attentions: self (tokens x tokens) and cross
     (tokens x text_len). Seconds per block, TFLOP/s of the self-attention, error vs native."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -265,19 +269,39 @@ def optimize_transformer(transformer: torch.nn.Module, settings: Settings) -> No
     REPORT.setdefault("transformers", []).append(info)
 
 
-def transformer_dummy_inputs(transformer: torch.nn.Module, height: int, width: int, frames: int, device, text_len: int = 512) -> dict:
+def transformer_dummy_inputs(
+    transformer: torch.nn.Module, height: int, width: int, frames: int, device, text_len: int = 512
+) -> dict:
     cfg = transformer.config
     latent_frames = (frames - 1) // 4 + 1
     gen = torch.Generator(device=device).manual_seed(0)
     inputs = {
-        "hidden_states": torch.randn(1, cfg.in_channels, latent_frames, height // 8, width // 8, generator=gen, device=device, dtype=torch.bfloat16),
+        "hidden_states": torch.randn(
+            1,
+            cfg.in_channels,
+            latent_frames,
+            height // 8,
+            width // 8,
+            generator=gen,
+            device=device,
+            dtype=torch.bfloat16,
+        ),
         "timestep": torch.tensor([500.0], device=device),
-        "encoder_hidden_states": torch.randn(1, text_len, cfg.text_dim, generator=gen, device=device, dtype=torch.bfloat16),
+        "encoder_hidden_states": torch.randn(
+            1, text_len, cfg.text_dim, generator=gen, device=device, dtype=torch.bfloat16
+        ),
         "return_dict": False,
     }
     if hasattr(cfg, "vace_in_channels") and getattr(cfg, "vace_layers", None):
         inputs["control_hidden_states"] = torch.randn(
-            1, cfg.vace_in_channels, latent_frames, height // 8, width // 8, generator=gen, device=device, dtype=torch.bfloat16
+            1,
+            cfg.vace_in_channels,
+            latent_frames,
+            height // 8,
+            width // 8,
+            generator=gen,
+            device=device,
+            dtype=torch.bfloat16,
         )
         inputs["control_hidden_states_scale"] = torch.ones(len(cfg.vace_layers), device=device)
     return inputs
@@ -297,7 +321,9 @@ def _timed_warmup(module: torch.nn.Module, shape: list[int], run) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    REPORT.setdefault("warmups", []).append({"class": type(module).__name__, "shape": shape, "seconds": round(seconds, 2)})
+    REPORT.setdefault("warmups", []).append(
+        {"class": type(module).__name__, "shape": shape, "seconds": round(seconds, 2)}
+    )
     return seconds
 
 
@@ -478,4 +504,3 @@ def prepare_qwen(model: torch.nn.Module, settings: Settings, generate_kwargs: di
         gc.disable_compile = True
         info.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
         log.warning("Qwen decode compile failed; decoding eagerly", extra={"reason": info["error"]})
-

@@ -55,24 +55,55 @@ import numpy as np
 from .local_s3 import S3Server, find_weed, start_s3
 
 GiB = 1024**3
-T2V_REPO, VACE_REPO, QWEN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-VACE-1.3B-diffusers", "Qwen/Qwen2.5-7B"
+T2V_REPO, VACE_REPO, QWEN_REPO = (
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "Wan-AI/Wan2.1-VACE-1.3B-diffusers",
+    "Qwen/Qwen2.5-7B",
+)
 
 #: The real architectures (Wan2.1-T2V-1.3B, UMT5-XXL encoder, Wan2.1-VACE-1.3B, Qwen2.5-7B).
 WAN_TRANSFORMER = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
 )
 VACE_EXTRA = dict(vace_layers=list(range(0, 30, 2)), vace_in_channels=96)
 UMT5_XXL = dict(
-    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-    dropout_rate=0.0, tie_word_embeddings=False, is_encoder_decoder=False,
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    tie_word_embeddings=False,
+    is_encoder_decoder=False,
 )
 QWEN_7B = dict(
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-    tie_word_embeddings=False, hidden_act="silu",
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
 )
 
 PROMPT = (
@@ -152,7 +183,9 @@ def transformer_flops(tokens: int, text_len: int = 512, dim: int = 1536, ffn: in
 
 def config_flops(cfg, tokens: int) -> float:
     """``transformer_flops`` for a loaded transformer's config (tiny or full)."""
-    return transformer_flops(tokens, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim, layers=cfg.num_layers)
+    return transformer_flops(
+        tokens, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim, layers=cfg.num_layers
+    )
 
 
 def attention_flops(tokens: int, dim: int = 1536, layers: int = 30) -> float:
@@ -251,7 +284,9 @@ def _qwen_tokenizer(vocab_size: int):
     # so the enhancer's prompt has a realistic length (the real tokenizer: about four).
     printable = [bytes_to_unicode()[b] for b in range(32, 127)]
     merges = [(a, b) for a in printable for b in printable]
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     tok.add_special_tokens({"additional_special_tokens": specials[1:]})
     return tok
 
@@ -284,7 +319,11 @@ def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace",
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict[str, Any] = {}
     models_dir.mkdir(parents=True, exist_ok=True)
-    targets = {"t2v": models_dir / Path(T2V_REPO).name, "vace": models_dir / Path(VACE_REPO).name, "qwen": models_dir / Path(QWEN_REPO).name}
+    targets = {
+        "t2v": models_dir / Path(T2V_REPO).name,
+        "vace": models_dir / Path(VACE_REPO).name,
+        "qwen": models_dir / Path(QWEN_REPO).name,
+    }
     for name in which:
         target = targets[name]
         if (target / ".complete").exists():
@@ -302,7 +341,13 @@ def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace",
                 encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).eval()
             with _build_on(device, torch.float32):
                 vae = AutoencoderKLWan()
-            pipe = WanPipeline(tokenizer=_umt5_tokenizer(), text_encoder=encoder, vae=vae, scheduler=_scheduler(), transformer=transformer)
+            pipe = WanPipeline(
+                tokenizer=_umt5_tokenizer(),
+                text_encoder=encoder,
+                vae=vae,
+                scheduler=_scheduler(),
+                transformer=transformer,
+            )
             pipe.save_pretrained(target)
             del pipe, transformer, encoder, vae
         elif name == "vace":
@@ -311,7 +356,9 @@ def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace",
             with _build_on(device, torch.bfloat16):
                 transformer = WanVACETransformer3DModel(**WAN_TRANSFORMER, **VACE_EXTRA)
             transformer.save_pretrained(target / "transformer")
-            (target / "model_index.json").write_text(json.dumps({"_class_name": "WanVACEPipeline", "note": "bench: transformer only"}))
+            (target / "model_index.json").write_text(
+                json.dumps({"_class_name": "WanVACEPipeline", "note": "bench: transformer only"})
+            )
             del transformer
         else:
             from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -319,14 +366,20 @@ def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace",
             tok = _qwen_tokenizer(QWEN_7B["vocab_size"])
             eos = tok.convert_tokens_to_ids("<|endoftext|>")
             with _build_on(device, torch.bfloat16):
-                model = Qwen2ForCausalLM(Qwen2Config(**QWEN_7B, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)).eval()
+                model = Qwen2ForCausalLM(
+                    Qwen2Config(**QWEN_7B, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
+                ).eval()
             model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos, bos_token_id=eos)
             model.save_pretrained(target)
             tok.save_pretrained(target)
             del model
         free_cuda()
         (target / ".complete").touch()
-        report[name] = {"path": str(target), "seconds": r(now() - started, 1), "gib_on_disk": r(_dir_bytes(target) / GiB, 2)}
+        report[name] = {
+            "path": str(target),
+            "seconds": r(now() - started, 1),
+            "gib_on_disk": r(_dir_bytes(target) / GiB, 2),
+        }
     return report
 
 
@@ -419,7 +472,9 @@ def run_job(worker, job: dict, clock: StepClock | None = None) -> dict[str, Any]
         "step_s": [r(s, 4) for s in steps],
         "step_median_s": r(float(np.median(steps)), 4) if steps else None,
         "denoising_s": r(sum(steps)) if steps else None,
-        "vae_decode_and_postprocess_s": r(captured["decoded_at"] - clock.marks[-1]) if clock.marks and "decoded_at" in captured else None,
+        "vae_decode_and_postprocess_s": r(captured["decoded_at"] - clock.marks[-1])
+        if clock.marks and "decoded_at" in captured
+        else None,
         "worker_timings": meta.get("timings"),
         "peak_vram_gib": gpu_peak_gib(),
         "file_size_bytes": ((output.get("assets") or [{}])[0].get("metadata") or {}).get("file_size_bytes"),
@@ -452,7 +507,13 @@ class Bench:
         self.result: dict[str, Any] = {
             "command": " ".join([Path(sys.executable).name, "-m", "wan_worker.bench", *sys.argv[1:]]),
             "mode": "tiny" if self.tiny else "full",
-            "shape": {"frames": self.frames, "height": self.height, "width": self.width, "steps": self.steps, "guidance_scale": self.guidance},
+            "shape": {
+                "frames": self.frames,
+                "height": self.height,
+                "width": self.width,
+                "steps": self.steps,
+                "guidance_scale": self.guidance,
+            },
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "sections": {},
         }
@@ -489,7 +550,9 @@ class Bench:
     def settings(self, **overrides):
         from .settings import Settings
 
-        base: dict[str, Any] = dict(models_dir=self.models_dir, work_dir=self.work, log_level="WARNING", job_timeout_s=3600)
+        base: dict[str, Any] = dict(
+            models_dir=self.models_dir, work_dir=self.work, log_level="WARNING", job_timeout_s=3600
+        )
         if self.tiny:
             base.update(model_profile="tiny", tiny_models_dir=self.tiny_dir)
         if self.s3 is not None:
@@ -501,9 +564,16 @@ class Bench:
 
     def job(self, **extra) -> dict[str, Any]:
         job = {
-            "job_type": "video_fast", "prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": SEED,
-            "width": self.width, "height": self.height, "frame_num": self.frames, "step_cache": "off",
-            "config": {"num_inference_steps": self.steps, "sample_shift": 5.0}, "user_id": "bench",
+            "job_type": "video_fast",
+            "prompt": PROMPT,
+            "negative_prompt": NEGATIVE,
+            "seed": SEED,
+            "width": self.width,
+            "height": self.height,
+            "frame_num": self.frames,
+            "step_cache": "off",
+            "config": {"num_inference_steps": self.steps, "sample_shift": 5.0},
+            "user_id": "bench",
         }
         job.update(extra)
         return job
@@ -524,8 +594,20 @@ class Bench:
         self.save()
         if not self.tiny and not torch.cuda.is_available():
             raise SystemExit("no CUDA device: use --tiny for the CPU smoke test")
-        order = ["write_models", "s3_server", "cold_start", "attention", "transformer", "vae", "reference", "worker",
-                 "cpu_stages", "qwen", "residency", "scaling"]
+        order = [
+            "write_models",
+            "s3_server",
+            "cold_start",
+            "attention",
+            "transformer",
+            "vae",
+            "reference",
+            "worker",
+            "cpu_stages",
+            "qwen",
+            "residency",
+            "scaling",
+        ]
         if self.args.s3 != "weed":
             order.remove("s3_server")
         if self.args.sections:  # the caller's order, so the most wanted numbers come first
@@ -570,8 +652,19 @@ class Bench:
 
     def _cold_child(self, env: dict[str, str]) -> dict[str, Any]:
         dropped = drop_page_cache()
-        cmd = [sys.executable, "-m", "wan_worker.bench", "--child", "cold_start", "--height", str(self.height),
-               "--width", str(self.width), "--frames", str(self.frames)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wan_worker.bench",
+            "--child",
+            "cold_start",
+            "--height",
+            str(self.height),
+            "--width",
+            str(self.width),
+            "--frames",
+            str(self.frames),
+        ]
         started = now()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         wall = now() - started
@@ -602,8 +695,11 @@ class Bench:
             return {"skipped": "needs CUDA"}
         from .accel import enable_fa3, measure_attention_backends
 
-        return {"fa3_available": enable_fa3(), "tokens": tokens_for(self.frames, self.height, self.width),
-                "backends": measure_attention_backends(tokens_for(self.frames, self.height, self.width))}
+        return {
+            "fa3_available": enable_fa3(),
+            "tokens": tokens_for(self.frames, self.height, self.width),
+            "backends": measure_attention_backends(tokens_for(self.frames, self.height, self.width)),
+        }
 
     def _load_transformer(self, cls_name: str = "WanTransformer3DModel", path: Path | None = None):
         import diffusers
@@ -637,8 +733,14 @@ class Bench:
         dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         flops = transformer_flops(tokens, dim=dim, ffn=transformer.config.ffn_dim, layers=layers)
         med = float(np.median(times))
-        return {"first_call_s": r(first, 2), "forward_s": r(med, 4), "tflops": r(flops / med / 1e12, 1),
-                "tokens": tokens, "analytic_tflop": r(flops / 1e12, 1), "_out": out.float().cpu()}
+        return {
+            "first_call_s": r(first, 2),
+            "forward_s": r(med, 4),
+            "tflops": r(flops / med / 1e12, 1),
+            "tokens": tokens,
+            "analytic_tflop": r(flops / 1e12, 1),
+            "_out": out.float().cpu(),
+        }
 
     def transformer(self) -> dict[str, Any]:
         """One forward at the job shape per configuration; outputs compared with eager native."""
@@ -704,8 +806,10 @@ class Bench:
         # (name, dtype, cuDNN autotune, channels-last weights, fused norm + SiLU kernels)
         variants = [("fp32", torch.float32, False, False, False), ("bf16", torch.bfloat16, False, False, False)]
         if device == "cuda":
-            variants += [("bf16_channels_last_cudnn_benchmark", torch.bfloat16, True, True, False),
-                         ("bf16_channels_last_fused_norms", torch.bfloat16, True, True, True)]
+            variants += [
+                ("bf16_channels_last_cudnn_benchmark", torch.bfloat16, True, True, False),
+                ("bf16_channels_last_fused_norms", torch.bfloat16, True, True, True),
+            ]
         for name, dtype, bench, channels_last, fused in variants:
             try:
                 torch.backends.cudnn.benchmark = bench
@@ -728,8 +832,12 @@ class Bench:
                         times.append(now() - t)
                 frames = ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu().numpy()
                 outputs[name] = frames
-                results[name] = {"first_s": r(times[0]), "decode_s": r(times[-1]), "peak_gib": gpu_peak_gib(),
-                                 "psnr_vs_fp32": psnr(frames, outputs.get("fp32"))}
+                results[name] = {
+                    "first_s": r(times[0]),
+                    "decode_s": r(times[-1]),
+                    "peak_gib": gpu_peak_gib(),
+                    "psnr_vs_fp32": psnr(frames, outputs.get("fp32")),
+                }
                 del vae, video, x
                 free_cuda()
             except Exception as exc:  # noqa: BLE001
@@ -762,8 +870,18 @@ class Bench:
         top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
         del vae, x
         free_cuda()
-        return {"gpu_s": r(total / 1e6), "top": [{"name": e.key[:90], "s": r(e.self_device_time_total / 1e6), "share": r(e.self_device_time_total / total, 3),
-                                                   "calls": e.count} for e in top]}
+        return {
+            "gpu_s": r(total / 1e6),
+            "top": [
+                {
+                    "name": e.key[:90],
+                    "s": r(e.self_device_time_total / 1e6),
+                    "share": r(e.self_device_time_total / total, 3),
+                    "calls": e.count,
+                }
+                for e in top
+            ],
+        }
 
     def reference(self) -> dict[str, Any]:
         """Plain diffusers WanPipeline, eager, FACTS' dtypes (VAE fp32), same weights/prompt/seed."""
@@ -773,8 +891,14 @@ class Bench:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         started = now()
         pipe = WanPipeline.from_pretrained(
-            self.t2v_dir(), local_files_only=True,
-            dtype={"transformer": torch.bfloat16, "text_encoder": torch.bfloat16, "vae": torch.float32, "default": torch.bfloat16},
+            self.t2v_dir(),
+            local_files_only=True,
+            dtype={
+                "transformer": torch.bfloat16,
+                "text_encoder": torch.bfloat16,
+                "vae": torch.float32,
+                "default": torch.bfloat16,
+            },
         ).to(device)
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=5.0)
@@ -787,9 +911,18 @@ class Bench:
             return {}
 
         def call(steps: int):
-            return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=self.height, width=self.width, num_frames=self.frames,
-                        num_inference_steps=steps, guidance_scale=self.guidance, output_type="np",
-                        generator=torch.Generator(device=device).manual_seed(SEED), callback_on_step_end=on_step)
+            return pipe(
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE,
+                height=self.height,
+                width=self.width,
+                num_frames=self.frames,
+                num_inference_steps=steps,
+                guidance_scale=self.guidance,
+                output_type="np",
+                generator=torch.Generator(device=device).manual_seed(SEED),
+                callback_on_step_end=on_step,
+            )
 
         call(1)  # warm-up: kernels, cuDNN handles
         marks.clear()
@@ -803,16 +936,23 @@ class Bench:
         np.save(self.work / "reference_frames.npy", self.frames_ref.astype(np.float16))  # for a later run's PSNR
         steps = np.diff([t0, *marks])
         res = {
-            "load_s": r(load_s, 2), "total_s": r(total), "steps": len(marks),
+            "load_s": r(load_s, 2),
+            "total_s": r(total),
+            "steps": len(marks),
             "step_median_s": r(float(np.median(steps[1:])) if len(steps) > 1 else float(steps[0]), 4),
             "first_step_incl_text_encoding_s": r(steps[0]),
-            "denoising_s": r(marks[-1] - t0), "vae_decode_and_postprocess_s": r(t0 + total - marks[-1]),
-            "peak_vram_gib": gpu_peak_gib(), "frames_shape": list(self.frames_ref.shape),
-            "frames_finite": bool(np.isfinite(self.frames_ref).all()), "frames_std": r(float(self.frames_ref.std()), 4),
+            "denoising_s": r(marks[-1] - t0),
+            "vae_decode_and_postprocess_s": r(t0 + total - marks[-1]),
+            "peak_vram_gib": gpu_peak_gib(),
+            "frames_shape": list(self.frames_ref.shape),
+            "frames_finite": bool(np.isfinite(self.frames_ref).all()),
+            "frames_std": r(float(self.frames_ref.std()), 4),
         }
         tokens = tokens_for(self.frames, self.height, self.width)
         if len(steps) > 1:
-            res["tflops_per_step"] = r(2 * config_flops(pipe.transformer.config, tokens) / float(np.median(steps[1:])) / 1e12, 1)
+            res["tflops_per_step"] = r(
+                2 * config_flops(pipe.transformer.config, tokens) / float(np.median(steps[1:])) / 1e12, 1
+            )
         return res  # the pipeline and its outputs go with this frame
 
     def worker_runs(self) -> dict[str, Any]:
@@ -857,7 +997,9 @@ class Bench:
                 # Each step is two forwards (CFG), cached separately; a cached forward costs one
                 # block instead of thirty, so a step's time says how many of its two were skipped.
                 half = uncached["step_median_s"] / 2
-                run["forwards_served_from_cache"] = sum(min(2, max(0, round((2 * half - x) / half))) for x in run["step_s"])
+                run["forwards_served_from_cache"] = sum(
+                    min(2, max(0, round((2 * half - x) / half))) for x in run["step_s"]
+                )
                 run["forwards_total"] = 2 * len(run["step_s"])
             res[f"cached_{threshold:g}" + ("_default" if threshold == default else "")] = run
         worker.generator.settings = worker.settings
@@ -880,7 +1022,10 @@ class Bench:
         if self.frames_worker is not None:
             clips["decoded_frames"] = self.frames_worker
         presets = self.args.x264_presets.split(",")
-        results: dict[str, Any] = {"upload_target": "seaweedfs" if self.s3 else "inline (no S3 server)", "cpu_count": os.cpu_count()}
+        results: dict[str, Any] = {
+            "upload_target": "seaweedfs" if self.s3 else "inline (no S3 server)",
+            "cpu_count": os.cpu_count(),
+        }
         original = media.X264_PRESET
         import imageio.v2 as imageio
 
@@ -895,8 +1040,16 @@ class Bench:
                             enc = media.encode(frames, Path(tmp), as_video=True, fps=16)
                             t_enc = now() - t
                             t = now()
-                            storage.store([(enc.path, f"bench/{clip_name}-{preset}-{rep}/0.mp4", enc.content_type),
-                                           (enc.thumbnail_path, f"bench/{clip_name}-{preset}-{rep}/0.thumb.webp", "image/webp")])
+                            storage.store(
+                                [
+                                    (enc.path, f"bench/{clip_name}-{preset}-{rep}/0.mp4", enc.content_type),
+                                    (
+                                        enc.thumbnail_path,
+                                        f"bench/{clip_name}-{preset}-{rep}/0.thumb.webp",
+                                        "image/webp",
+                                    ),
+                                ]
+                            )
                             t_up = now() - t
                             size = enc.path.stat().st_size
                             quality = None
@@ -905,8 +1058,13 @@ class Bench:
                                 quality = psnr(decoded, media.to_uint8(frames))
                         runs.append((t_enc, t_up, size, quality))
                     t_enc, t_up, size, quality = runs[-1]
-                    results[f"{clip_name}/{preset}"] = {"encode_s": r(t_enc), "upload_s": r(t_up), "total_s": r(t_enc + t_up),
-                                                        "mp4_bytes": size, "mp4_psnr_db": runs[0][3]}
+                    results[f"{clip_name}/{preset}"] = {
+                        "encode_s": r(t_enc),
+                        "upload_s": r(t_up),
+                        "total_s": r(t_enc + t_up),
+                        "mp4_bytes": size,
+                        "mp4_psnr_db": runs[0][3],
+                    }
         finally:
             media.X264_PRESET = original
         return results
@@ -948,13 +1106,22 @@ class Bench:
             runs = []
             for _ in range(repeats):
                 (t1, _), (tn, got) = gen(1, **kw), gen(n, **kw)
-                runs.append({"prefill_s": r(t1), "new_tokens": got, "generate_s": r(tn), "decode_tok_s": r((got - 1) / (tn - t1), 1)})
+                runs.append(
+                    {
+                        "prefill_s": r(t1),
+                        "new_tokens": got,
+                        "generate_s": r(tn),
+                        "decode_tok_s": r((got - 1) / (tn - t1), 1),
+                    }
+                )
             rates = sorted(x["decode_tok_s"] for x in runs)
             return {"label": label, "runs": runs, "decode_tok_s": rates[len(rates) // 2], "min_tok_s": rates[0]}
 
         reset_peak()
         res["configured"] = decode_rate("as configured", repeats=5)
-        res["configured"].update(peak_gib=gpu_peak_gib(), cache_implementation=model.generation_config.cache_implementation)
+        res["configured"].update(
+            peak_gib=gpu_peak_gib(), cache_implementation=model.generation_config.cache_implementation
+        )
         ablations: dict[str, Any] = {}
         if res["prepare"].get("deferred_stop_check"):
             from transformers.generation import utils as gen_utils
@@ -977,9 +1144,15 @@ class Bench:
         res["enhance_calls"] = []
         for i in range(3):
             e = enhancer.enhance(f"{PROMPT} (bench {i})", "video7b_fast_enhanced", "fast")
-            res["enhance_calls"].append({"seconds": r(e.enhancement_time, 2), "new_tokens": e.new_tokens,
-                                         "tok_s_incl_prefill": r(e.new_tokens / e.enhancement_time, 1) if e.new_tokens else None,
-                                         "applied": e.enhancement_applied, "reason": e.reason})
+            res["enhance_calls"].append(
+                {
+                    "seconds": r(e.enhancement_time, 2),
+                    "new_tokens": e.new_tokens,
+                    "tok_s_incl_prefill": r(e.new_tokens / e.enhancement_time, 1) if e.new_tokens else None,
+                    "applied": e.enhancement_applied,
+                    "reason": e.reason,
+                }
+            )
         return res  # the model goes with this frame (and the manager that holds it)
 
     def residency(self) -> dict[str, Any]:
@@ -988,8 +1161,17 @@ class Bench:
         if not torch.cuda.is_available():
             return {"skipped": "needs CUDA"}
         env = self._child_env(self.settings(gpu_memory_budget_gb=self.args.budget_gib))
-        cmd = [sys.executable, "-m", "wan_worker.bench", "--child", "residency", "--card-gb", str(self.args.card_gb),
-               "--residency-steps", str(self.args.residency_steps)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wan_worker.bench",
+            "--child",
+            "residency",
+            "--card-gb",
+            str(self.args.card_gb),
+            "--residency-steps",
+            str(self.args.residency_steps),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if not lines:
@@ -1014,14 +1196,23 @@ class Bench:
         if cuda and best and best != "native":
             enable_fa3()
             transformer.set_attention_backend(best)
-        shapes = [(9, 256, 256), (17, 256, 256)] if self.tiny else [(17, 832, 480), (33, 832, 480), (49, 832, 480), (81, 832, 480), (33, 1280, 720), (81, 1280, 720)]
+        shapes = (
+            [(9, 256, 256), (17, 256, 256)]
+            if self.tiny
+            else [(17, 832, 480), (33, 832, 480), (49, 832, 480), (81, 832, 480), (33, 1280, 720), (81, 1280, 720)]
+        )
         rows = []
         for frames, height, width in shapes:
             res = self._time_forward(transformer, frames, height, width, reps=2)
             res.pop("_out", None)
             tokens = res["tokens"]
-            row = {"frames": frames, "height": height, "width": width, **res,
-                   "attention_flop_share": r(attention_flops(tokens) / transformer_flops(tokens), 3)}
+            row = {
+                "frames": frames,
+                "height": height,
+                "width": width,
+                **res,
+                "attention_flop_share": r(attention_flops(tokens) / transformer_flops(tokens), 3),
+            }
             if cuda:
                 from .accel import _time_attention
 
@@ -1045,7 +1236,9 @@ class Bench:
         w, ref = s.get("worker", {}), s.get("reference", {})
         un = w.get("uncached", {})
         cached = {k: v for k, v in w.items() if k.startswith("cached_")}
-        default_cached = next((v for k, v in cached.items() if k.endswith("_default")), None) or next(iter(cached.values()), {})
+        default_cached = next((v for k, v in cached.items() if k.endswith("_default")), None) or next(
+            iter(cached.values()), {}
+        )
         vae = s.get("vae", {})
         cpu = s.get("cpu_stages", {})
         tr = s.get("transformer", {})
@@ -1055,7 +1248,9 @@ class Bench:
         out = {
             "1_video_fast_uncached_end_to_end_s": un.get("total_s"),
             "1_reference_pipeline_s": ref.get("total_s"),
-            "1_speedup_vs_reference": r(ref["total_s"] / un["total_s"], 2) if ref.get("total_s") and un.get("total_s") else None,
+            "1_speedup_vs_reference": r(ref["total_s"] / un["total_s"], 2)
+            if ref.get("total_s") and un.get("total_s")
+            else None,
             "2_transformer_best_tflops": best_tflops,
             "2_in_job_tflops_per_step": un.get("tflops_per_step"),
             "3_video_fast_cached_end_to_end_s": default_cached.get("total_s"),
@@ -1136,21 +1331,58 @@ def child_residency(args: argparse.Namespace) -> dict[str, Any]:
 
     worker.enhancer.enhance = enhance
     w, h = 480, 832
-    img = {"single": png_data_uri(w, h, (200, 40, 40)), "start": png_data_uri(w, h, (40, 200, 40)), "end": png_data_uri(w, h, (40, 40, 200))}
+    img = {
+        "single": png_data_uri(w, h, (200, 40, 40)),
+        "start": png_data_uri(w, h, (40, 200, 40)),
+        "end": png_data_uri(w, h, (40, 40, 200)),
+    }
     steps = {"num_inference_steps": args.residency_steps}
     jobs: list[tuple[str, dict]] = []
-    for jt in ("image_fast", "image_high", "video_fast", "video_high",
-               "image7b_fast_enhanced", "image7b_high_enhanced", "video7b_fast_enhanced", "video7b_high_enhanced"):
+    for jt in (
+        "image_fast",
+        "image_high",
+        "video_fast",
+        "video_high",
+        "image7b_fast_enhanced",
+        "image7b_high_enhanced",
+        "video7b_fast_enhanced",
+        "video7b_high_enhanced",
+    ):
         jobs.append((jt, {"job_type": jt}))
     jobs += [
-        ("video_fast+single", {"job_type": "video_fast", "reference_mode": "single", "reference_image_url": img["single"]}),
+        (
+            "video_fast+single",
+            {"job_type": "video_fast", "reference_mode": "single", "reference_image_url": img["single"]},
+        ),
         ("video_fast+start", {"job_type": "video_fast", "reference_mode": "start", "first_frame": img["start"]}),
         ("video_fast+end", {"job_type": "video_fast", "reference_mode": "end", "last_frame": img["end"]}),
-        ("video_high+both", {"job_type": "video_high", "reference_mode": "both", "first_frame": img["start"], "last_frame": img["end"]}),
-        ("video7b_high_enhanced+both", {"job_type": "video7b_high_enhanced", "reference_mode": "both", "first_frame": img["start"], "last_frame": img["end"]}),
-        ("image_fast+single", {"job_type": "image_fast", "reference_mode": "single", "reference_image_url": img["single"]}),
+        (
+            "video_high+both",
+            {"job_type": "video_high", "reference_mode": "both", "first_frame": img["start"], "last_frame": img["end"]},
+        ),
+        (
+            "video7b_high_enhanced+both",
+            {
+                "job_type": "video7b_high_enhanced",
+                "reference_mode": "both",
+                "first_frame": img["start"],
+                "last_frame": img["end"],
+            },
+        ),
+        (
+            "image_fast+single",
+            {"job_type": "image_fast", "reference_mode": "single", "reference_image_url": img["single"]},
+        ),
         ("image_high+start", {"job_type": "image_high", "reference_mode": "start", "first_frame": img["start"]}),
-        ("image7b_high_enhanced+single", {"job_type": "image7b_high_enhanced", "reference_mode": "single", "reference_image_url": img["single"], "metadata": {"exact_copy_mode": True}}),
+        (
+            "image7b_high_enhanced+single",
+            {
+                "job_type": "image7b_high_enhanced",
+                "reference_mode": "single",
+                "reference_image_url": img["single"],
+                "metadata": {"exact_copy_mode": True},
+            },
+        ),
     ]
     rows = []
     overall = 0.0
@@ -1168,20 +1400,37 @@ def child_residency(args: argparse.Namespace) -> dict[str, Any]:
         overall = max(overall, peak)
         meta = out.get("metadata") or {}
         asset = ((out.get("assets") or [{}])[0].get("metadata")) or {}
-        rows.append({
-            "job": name, "status": out.get("status", "failed"), "error": out.get("error"), "seconds": r(seconds, 1),
-            "peak_gib": r(peak, 2), "pipeline": asset.get("pipeline"), "reference_mode_applied": asset.get("reference_mode_applied"),
-            "frames": asset.get("frames"), "enhancement_applied": meta.get("enhancement_applied"),
-            "enhancement_reason": meta.get("enhancement_reason"), "quality_degraded": meta.get("quality_degraded"),
-            "resident_after": worker.manager.memory_report().get("resident"),
-            "reserved_gib": r(torch.cuda.max_memory_reserved() / GiB, 2),
-        })
+        rows.append(
+            {
+                "job": name,
+                "status": out.get("status", "failed"),
+                "error": out.get("error"),
+                "seconds": r(seconds, 1),
+                "peak_gib": r(peak, 2),
+                "pipeline": asset.get("pipeline"),
+                "reference_mode_applied": asset.get("reference_mode_applied"),
+                "frames": asset.get("frames"),
+                "enhancement_applied": meta.get("enhancement_applied"),
+                "enhancement_reason": meta.get("enhancement_reason"),
+                "quality_degraded": meta.get("quality_degraded"),
+                "resident_after": worker.manager.memory_report().get("resident"),
+                "reserved_gib": r(torch.cuda.max_memory_reserved() / GiB, 2),
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    moves = [{"module": m.module, "to": m.to, "gib": r(m.nbytes / GiB, 2), "s": r(m.seconds, 2)} for m in worker.manager.moves]
+    moves = [
+        {"module": m.module, "to": m.to, "gib": r(m.nbytes / GiB, 2), "s": r(m.seconds, 2)}
+        for m in worker.manager.moves
+    ]
     return {
-        "cap_gb": args.card_gb, "cap_fraction": round(fraction, 4), "budget_gib": worker.settings.gpu_memory_budget_gb,
-        "steps_per_job": args.residency_steps, "overall_peak_gib": r(overall, 2),
-        "all_completed": all(row["status"] == "completed" for row in rows), "jobs": rows, "moves": moves,
+        "cap_gb": args.card_gb,
+        "cap_fraction": round(fraction, 4),
+        "budget_gib": worker.settings.gpu_memory_budget_gb,
+        "steps_per_job": args.residency_steps,
+        "overall_peak_gib": r(overall, 2),
+        "all_completed": all(row["status"] == "completed" for row in rows),
+        "jobs": rows,
+        "moves": moves,
         "module_gib": {n: r(res.nbytes / GiB, 2) for n, res in worker.manager._modules.items()},
     }
 

@@ -45,7 +45,13 @@ def callback_body(job_id: str, output: dict[str, Any]) -> dict[str, Any]:
         }
         for a in output.get("assets", [])
     ]
-    return {"job_id": job_id, "status": "completed", "assets": assets, "error_message": None, "metadata": output.get("metadata", {})}
+    return {
+        "job_id": job_id,
+        "status": "completed",
+        "assets": assets,
+        "error_message": None,
+        "metadata": output.get("metadata", {}),
+    }
 
 
 def resolve_url(settings: Settings, job_url: str | None) -> tuple[str | None, str | None]:

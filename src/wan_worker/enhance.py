@@ -195,8 +195,14 @@ class Enhancer:
 
     def _fallback(self, prompt: str, started: float, reason: str, was_loaded: bool) -> Enhancement:
         return Enhancement(
-            prompt, prompt, False, "original", time.perf_counter() - started, self.settings.qwen_model,
-            reason=reason, model_was_loaded=was_loaded,
+            prompt,
+            prompt,
+            False,
+            "original",
+            time.perf_counter() - started,
+            self.settings.qwen_model,
+            reason=reason,
+            model_was_loaded=was_loaded,
         )
 
     def _generate(self, prompt: str, job_type: str, quality: str) -> tuple[str, int, bool]:

@@ -140,9 +140,7 @@ class Generator:
             )
         return positive, negative
 
-    def generate(
-        self, job: Job, prompt: str, cond: Conditioning, progress: Progress, deadline: float
-    ) -> Generated:
+    def generate(self, job: Job, prompt: str, cond: Conditioning, progress: Progress, deadline: float) -> Generated:
         from diffusers import UniPCMultistepScheduler
 
         timings: dict[str, float] = {}

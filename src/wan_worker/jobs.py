@@ -257,6 +257,4 @@ def _apply_strength_policy(job: Job) -> None:
         job.guidance_scale = 1.0
         job.negative_prompt = ""
         job.steps = P.exact_copy_steps(clamped)
-        job.adjustments.append(
-            f"exact_copy_mode: guidance_scale 1.0, no negative prompt, {job.steps} steps"
-        )
+        job.adjustments.append(f"exact_copy_mode: guidance_scale 1.0, no negative prompt, {job.steps} steps")

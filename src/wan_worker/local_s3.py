@@ -105,17 +105,33 @@ def start_s3(data_dir: Path, port: int | None = None, weed: str | None = None) -
     weed = weed or find_weed() or "weed"
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
-    identity = {"name": "local", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    identity = {
+        "name": "local",
+        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
     config.write_text(json.dumps({"identities": [identity]}))
     master, volume, filer = (free_port() for _ in range(3))
     s3 = port or free_port()
     proc = subprocess.Popen(
         [
-            weed, "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}",
-            "-s3", f"-s3.port={s3}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false", "-volume.max=8", "-master.volumeSizeLimitMB=1024",
+            weed,
+            "server",
+            f"-dir={data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            "-filer",
+            f"-filer.port={filer}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            "-volume.max=8",
+            "-master.volumeSizeLimitMB=1024",
         ],
         stdout=subprocess.DEVNULL,
         stderr=open(data_dir / "weed.log", "wb"),
@@ -128,7 +144,7 @@ def start_s3(data_dir: Path, port: int | None = None, weed: str | None = None) -
         try:
             server.client().create_bucket(Bucket=BUCKET)
             return server
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if "BucketAlreadyOwnedByYou" in str(exc) or "BucketAlreadyExists" in str(exc):
                 return server
             if time.monotonic() > deadline:

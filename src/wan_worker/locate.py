@@ -27,7 +27,9 @@ class ModelLocator:
 
             root = tiny.ensure_tiny_models(s.tiny_models_dir)
             return root / Path(repo_id).name
-        candidates = [root / name for root in (s.models_dir, s.baked_models_dir) for name in (repo_id, Path(repo_id).name)]
+        candidates = [
+            root / name for root in (s.models_dir, s.baked_models_dir) for name in (repo_id, Path(repo_id).name)
+        ]
         for path in candidates:
             if path.is_dir() and any(path.iterdir()):
                 return path

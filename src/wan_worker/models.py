@@ -75,7 +75,7 @@ def load_errors(repo_id: str, path: Path, hint: str = "", refresh_worker: bool =
         yield
     except torch.OutOfMemoryError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any loader failure
+    except Exception as exc:
         raise ModelUnavailable(
             f"could not load {repo_id} from {path}: {type(exc).__name__}: {exc}{hint}", refresh_worker=refresh_worker
         ) from exc
@@ -180,7 +180,10 @@ class ModelManager:
         started = time.perf_counter()
         with load_errors(self.settings.vace_model_id, path, refresh_worker=True):
             transformer = WanVACETransformer3DModel.from_pretrained(
-                path, subfolder="transformer", local_files_only=True, dtype=torch.bfloat16,
+                path,
+                subfolder="transformer",
+                local_files_only=True,
+                dtype=torch.bfloat16,
                 **self._load_placement(path / "transformer"),
             )
         from .accel import optimize_transformer
@@ -230,7 +233,9 @@ class ModelManager:
                 from .enhance import generation_kwargs
 
                 self._register("qwen", model)
-                prepare_qwen(model, self.settings, generation_kwargs(tokenizer))  # on its device: warms the decode graph
+                prepare_qwen(
+                    model, self.settings, generation_kwargs(tokenizer)
+                )  # on its device: warms the decode graph
                 self._qwen = (model, tokenizer)
                 self.load_seconds["qwen"] = time.perf_counter() - started
             return self._qwen

@@ -131,7 +131,9 @@ def _fetch(url: str, settings: Settings, deadline: float | None) -> bytes:
                     raise ReferenceFetchError(f"HTTP {response.status_code}")
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > settings.reference_max_bytes:
-                    raise ReferenceFetchError(f"body of {declared} bytes is over the {settings.reference_max_bytes} byte cap")
+                    raise ReferenceFetchError(
+                        f"body of {declared} bytes is over the {settings.reference_max_bytes} byte cap"
+                    )
                 return _read_capped(response, settings.reference_max_bytes, overall, timeout)
         raise ReferenceFetchError(f"more than {settings.reference_max_redirects} redirects")
 

@@ -59,7 +59,10 @@ class JobConfig(BaseModel):
     model_config = _STRICT
 
     num_inference_steps: int | None = Field(
-        default=None, ge=P.STEPS_MIN, le=P.STEPS_MAX, validation_alias=AliasChoices("num_inference_steps", "sample_steps")
+        default=None,
+        ge=P.STEPS_MIN,
+        le=P.STEPS_MAX,
+        validation_alias=AliasChoices("num_inference_steps", "sample_steps"),
     )
     guidance_scale: float | None = Field(
         default=None,
@@ -160,7 +163,7 @@ class JobInput(BaseModel):
     def _prompt_required(self) -> JobInput:
         if self.action in ("generate", "enhance"):
             if self.prompt is None:
-                raise ValueError("prompt: field required for action '%s'" % self.action)
+                raise ValueError(f"prompt: field required for action '{self.action}'")
             if not self.prompt.strip():
                 raise ValueError("prompt: must not be empty")
         return self

@@ -79,7 +79,10 @@ class Storage:
                         f"upload of {key} refused by storage ({code}); check BUCKET_NAME and the bucket credentials",
                         retryable=False,
                     ) from None
-                log.warning("upload attempt failed", extra={"key": key, "attempt": attempt, "reason": code or type(exc).__name__})
+                log.warning(
+                    "upload attempt failed",
+                    extra={"key": key, "attempt": attempt, "reason": code or type(exc).__name__},
+                )
                 if attempt == s.upload_attempts:
                     raise StorageError(
                         f"upload of {key} failed after {attempt} attempts ({type(exc).__name__}); the job's assets "

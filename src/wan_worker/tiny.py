@@ -131,7 +131,9 @@ def _save_qwen(path: Path, *, instruct: bool) -> None:
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
     if instruct:
         tokenizer.chat_template = QWEN_CHAT_TEMPLATE

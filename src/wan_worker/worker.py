@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from . import actions, callback, logs, presets as P
+from . import actions, callback, logs
+from . import presets as P
 from .enhance import Enhancer
 from .errors import GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
 from .generate import Conditioning, Generated, Generator, build_conditioning
@@ -71,13 +72,15 @@ class Worker:
             output = self._generate(job_obj, progress, started, metrics)
         except WorkerError as exc:
             output = exc.to_output()
-        except Exception as exc:  # noqa: BLE001 - never let a job kill the worker
+        except Exception as exc:
             log.exception("unexpected failure")
             if cuda_error(exc):  # the CUDA context may be broken: fail retryable and restart the worker
                 first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                 output = WorkerError(
                     f"CUDA error ({first_line}); the job was not completed and this worker restarts",
-                    code="cuda_error", retryable=True, refresh_worker=True,
+                    code="cuda_error",
+                    retryable=True,
+                    refresh_worker=True,
                 ).to_output()
             else:
                 output = WorkerError(f"internal error ({type(exc).__name__}); the job was not completed").to_output()
@@ -137,7 +140,9 @@ class Worker:
                     raise
                 raise WorkerError(
                     f"disk full: no space left in WORK_DIR ({s.work_dir or tempfile.gettempdir()}) while writing "
-                    f"the {job.kind}; the job was not completed", code="disk_full", retryable=True,
+                    f"the {job.kind}; the job was not completed",
+                    code="disk_full",
+                    retryable=True,
                 ) from None
             timings["encoding"] = time.perf_counter() - t
             _check_deadline(deadline, s, "before upload")
@@ -147,7 +152,11 @@ class Worker:
             stored, thumb = self.storage.store(
                 [
                     (media.path, Storage.key(job.user_id, job.job_id, media.path.name), media.content_type),
-                    (media.thumbnail_path, Storage.key(job.user_id, job.job_id, media.thumbnail_path.name), "image/webp"),
+                    (
+                        media.thumbnail_path,
+                        Storage.key(job.user_id, job.job_id, media.thumbnail_path.name),
+                        "image/webp",
+                    ),
                 ]
             )
             timings["uploading"] = time.perf_counter() - t
@@ -283,12 +292,16 @@ class Worker:
         if warning:
             output.setdefault("warnings", []).append(warning)
         if url and s.callback_secret:
-            delivered = callback.deliver(url, s.callback_secret.get_secret_value(), callback.callback_body(job_id, output), s)
+            delivered = callback.deliver(
+                url, s.callback_secret.get_secret_value(), callback.callback_body(job_id, output), s
+            )
             output["callback_delivered"] = delivered
 
     def _reject(self, job: dict[str, Any], runpod_id: str, output: dict[str, Any]) -> None:
         """A job refused before it became a ``Job``: one metrics line, and the failure callback."""
-        log.info("job rejected", extra={"event": "job_metrics", "status": "failed", "error_code": output.get("error_code")})
+        log.info(
+            "job rejected", extra={"event": "job_metrics", "status": "failed", "error_code": output.get("error_code")}
+        )
         raw = job.get("input") if isinstance(job.get("input"), dict) else {}
         if raw.get("action", "generate") != "generate":
             return
