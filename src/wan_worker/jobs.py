@@ -174,15 +174,16 @@ def _quality(
     that asks for turbo with references is refused; one that only inherits turbo from
     DEFAULT_QUALITY runs at its job type's quality instead, and says so.
     """
-    if inp.quality is not None:
-        if inp.quality == "turbo" and mode != "none":
+    requested, name = _first((inp.quality, "quality"), (inp.config.quality, "config.quality"))
+    if requested is not None:
+        if requested == "turbo" and mode != "none":
             raise InvalidInput(
-                "quality 'turbo' can't be used with reference images: reference modes run VACE or "
+                f"{name} 'turbo' can't be used with reference images: reference modes run VACE or "
                 "image-to-image, which have no distilled model; use quality fast, balanced or high, "
                 "or send no reference",
-                field="quality",
+                field=name,
             )
-        return inp.quality
+        return requested  # type: ignore[return-value]
     if default == "turbo" and mode != "none":
         adjustments.append(
             f"DEFAULT_QUALITY 'turbo' doesn't apply to reference modes (no distilled model); "
