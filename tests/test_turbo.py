@@ -187,15 +187,18 @@ def test_unknown_quality_names_the_field(worker):
 
 def test_residency_counts_the_turbo_transformer(tiny_models):
     """Under a budget too small for everything, the turbo job evicts the base transformer and
-    the next standard job evicts the turbo one: both are accounted for."""
-    worker = tiny_worker(tiny_models, inline_max_bytes=50_000_000, gpu_memory_budget_gb=0.5)
-    assert handle(worker, IMAGE)["status"] == "completed"
+    the next standard job evicts the turbo one: both are accounted for. DEFAULT_QUALITY makes
+    turbo the default; a job's own quality still wins."""
+    worker = tiny_worker(tiny_models, inline_max_bytes=50_000_000, gpu_memory_budget_gb=0.5, default_quality="turbo")
+    out = handle(worker, {**SMALL_IMAGE, "config": {}})
+    assert out["status"] == "completed" and out["metadata"]["quality"] == "turbo", out
     manager = worker.manager
     turbo = manager.pipeline("turbo").transformer
     report = manager.memory_report()
     assert "turbo_transformer" in report["resident"] and "transformer" in report["offloaded"]
     assert manager._modules["turbo_transformer"].nbytes == module_bytes(turbo) > 0
-    assert handle(worker, {**SMALL_IMAGE, "config": {"num_inference_steps": 1}})["status"] == "completed"
+    out = handle(worker, {**SMALL_IMAGE, "quality": "fast", "config": {"num_inference_steps": 1}})
+    assert out["metadata"]["quality"] == "fast" and out["metadata"]["sampler"] == "unipc"
     report = manager.memory_report()
     assert "transformer" in report["resident"] and "turbo_transformer" in report["offloaded"]
 
@@ -206,6 +209,38 @@ def test_missing_turbo_checkpoint_fails_only_turbo_jobs(tiny_models):
     assert out["error_code"] == "model_unavailable" and out["retryable"] is False, out
     assert "builder/download_models.py" in out["error"] and "--only-turbo" in out["error"]
     assert handle(worker, {**SMALL_IMAGE, "config": {"num_inference_steps": 1}})["status"] == "completed"
+
+
+def test_corrupt_turbo_weights_fail_turbo_jobs_only(tiny_models, tmp_path):
+    other = tmp_path / TURBO_DIR
+    shutil.copytree(tiny_models / TURBO_DIR, other)
+    weights = other / "transformer" / "diffusion_pytorch_model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    worker = tiny_worker(tiny_models, inline_max_bytes=50_000_000, turbo_model_id=str(other))
+    out = handle(worker, IMAGE)
+    assert out["error_code"] == "model_unavailable" and f"could not load {other}" in out["error"], out
+    assert "--only-turbo" in out["error"] and not out.get("refresh_worker")
+    assert handle(worker, {**SMALL_IMAGE, "config": {"num_inference_steps": 1}})["status"] == "completed"
+
+
+def test_warm_up_loads_turbo_when_it_is_the_default(tiny_models, monkeypatch):
+    from wan_worker import settings as settings_module
+    from wan_worker import worker as worker_module
+
+    monkeypatch.setenv("MODEL_PROFILE", "tiny")
+    monkeypatch.setenv("TINY_MODELS_DIR", str(tiny_models))
+    monkeypatch.setenv("WARMUP_ON_START", "1")
+    monkeypatch.setenv("DEFAULT_QUALITY", "turbo")
+    monkeypatch.setattr(worker_module, "_worker", None)
+    settings_module.get_settings.cache_clear()
+    try:
+        worker_module.serverless_config()
+        manager = worker_module.get_worker().manager
+        assert manager.ready("t2v") and manager.ready("turbo")
+    finally:
+        settings_module.get_settings.cache_clear()
+        monkeypatch.setattr(worker_module, "_worker", None)
 
 
 def test_a_turbo_checkpoint_with_another_vae_is_refused(tiny_models, tmp_path):

@@ -290,14 +290,23 @@ class ModelManager:
         return self._denoise_pipe("t2v_denoise" if name == "t2v" else name)
 
     def warm_up(self, width: int, height: int, frames: int) -> None:
-        """Load WAN (and Qwen with WARMUP_QWEN) and compile for the default video shape now,
-        so the first job doesn't pay for it (WARMUP_ON_START)."""
+        """Load WAN (and Qwen with WARMUP_QWEN, the turbo transformer with DEFAULT_QUALITY=turbo)
+        and compile for the default video shape now, so the first job doesn't pay for it
+        (WARMUP_ON_START). A missing turbo checkpoint is logged, not fatal: the other qualities
+        still serve."""
         from .accel import warm_transformer, warm_vae
 
         pipe = self.pipeline("t2v")
+        transformers = [("transformer", pipe.transformer)]
+        if self.settings.default_quality == "turbo":
+            try:
+                transformers.append(("turbo_transformer", self.pipeline("turbo").transformer))
+            except ModelUnavailable as exc:
+                log.warning("turbo transformer not loaded at warm-up", extra={"reason": exc.message})
         if self.settings.compile_transformer and self.device.type == "cuda":
-            self.acquire(["transformer"], working_bytes=estimate_working_bytes(width, height, frames))
-            warm_transformer(pipe.transformer, height, width, frames)
+            for name, transformer in transformers:
+                self.acquire([name], working_bytes=estimate_working_bytes(width, height, frames))
+                warm_transformer(transformer, height, width, frames)
         if self.settings.compile_vae and self.device.type == "cuda":
             self.acquire(["vae"], working_bytes=estimate_working_bytes(width, height, 5))
             warm_vae(pipe.vae, height, width)
