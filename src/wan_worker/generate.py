@@ -162,7 +162,8 @@ class Generator:
             [transformer_name, "vae"], working_bytes=estimate_working_bytes(job.width, job.height, job.num_frames)
         )
         generator = torch.Generator(device=self.manager.device).manual_seed(job.seed)
-        pipe.scheduler = scheduler_for(job, pipe.scheduler.config, generator)
+        # From the checkpoint's own scheduler config: a pipeline's current scheduler may be DMD's.
+        pipe.scheduler = scheduler_for(job, self.manager.encoder_pipe().scheduler.config, generator)
 
         kwargs = dict(cond.kwargs)
         steps = len(pipe.scheduler.fixed_timesteps) if job.sampler == "dmd" else job.steps
