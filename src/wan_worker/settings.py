@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .presets import Quality
+
 #: Names of the variables whose *values* are secret. ``debug_env`` reports only whether they
 #: are set, and the log redaction filter masks their values wherever they appear.
 SECRET_ENV_VARS = (
@@ -82,7 +84,7 @@ class Settings(BaseSettings):
 
     # --- jobs, callback, metrics ----------------------------------------------------------
     #: The quality of jobs that give none; when set it wins over the job type's preset quality.
-    default_quality: Literal["turbo", "fast", "balanced", "high"] | None = None
+    default_quality: Quality | None = None
     job_timeout_s: float = Field(default=900.0, gt=0)
     worker_concurrency: int = Field(default=1, ge=1, le=16)
     work_dir: Path | None = None
