@@ -3,6 +3,7 @@
 The pipeline per job:
 
 * ``t2v``  - ``WanPipeline``: text to video, or to one frame for image job types.
+* ``turbo`` - the same ``WanPipeline`` on the DMD-distilled transformer (``quality: "turbo"``).
 * ``vace`` - ``WanVACEPipeline``: ``reference_images=[img]`` for a subject reference, or a
   ``video`` + ``mask`` that keep the given first/last frame(s) (white = generate).
 * ``i2i``  - ``WanVideoToVideoPipeline`` on a one-frame video with ``strength``.
@@ -64,6 +65,8 @@ class Generated:
     steps_run: int
     step_cache_threshold: float | None
     timings: dict[str, float]
+    #: The timesteps the transformer ran at (DMD's fixed schedule), None for UniPC.
+    timesteps: list[int] | None = None
 
 
 def vace_inputs(mode: str, images: dict[str, Image.Image], num_frames: int, size: tuple[int, int]) -> dict[str, Any]:
@@ -107,13 +110,19 @@ def build_conditioning(job: Job, mode: str, images: dict[str, Image.Image]) -> C
     return Conditioning("vace", kwargs, scale, job.denoise_strength)
 
 
+def model_pipeline(job: Job, cond: Conditioning) -> str:
+    """The model manager's pipeline for a job: turbo swaps the text-to-video transformer."""
+    return "turbo" if cond.pipeline == "t2v" and job.quality == "turbo" else cond.pipeline
+
+
 def cache_threshold(job: Job, pipeline: str, settings: Settings) -> float | None:
     """``auto`` caches for presets that allow it; ``high`` never caches, whatever is asked.
 
     diffusers' video-to-video pipeline runs its denoiser outside a ``cache_context``, which
     the first-block cache needs, so image-to-image (a few steps anyway) is never cached.
+    Neither is DMD: each of its few steps starts from fresh noise, so no step repeats another.
     """
-    if job.quality == "high" or job.step_cache == "off" or pipeline == "i2i":
+    if job.quality == "high" or job.step_cache == "off" or pipeline == "i2i" or job.sampler == "dmd":
         return None
     if job.step_cache == "on" or P.QUALITY_PRESETS[job.quality].step_cache:
         return settings.step_cache_threshold or None
@@ -141,22 +150,23 @@ class Generator:
         return positive, negative
 
     def generate(self, job: Job, prompt: str, cond: Conditioning, progress: Progress, deadline: float) -> Generated:
-        from diffusers import UniPCMultistepScheduler
-
         timings: dict[str, float] = {}
         started = time.perf_counter()
         prompt_embeds, negative_embeds = self.encode_prompt(job, prompt)
         timings["text_encoding"] = time.perf_counter() - started
 
-        pipe = self.manager.pipeline(cond.pipeline)
-        transformer_name = "vace_transformer" if cond.pipeline == "vace" else "transformer"
+        name = model_pipeline(job, cond)
+        pipe = self.manager.pipeline(name)
+        transformer_name = {"vace": "vace_transformer", "turbo": "turbo_transformer"}.get(name, "transformer")
         self.manager.acquire(
             [transformer_name, "vae"], working_bytes=estimate_working_bytes(job.width, job.height, job.num_frames)
         )
-        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=job.flow_shift)
+        generator = torch.Generator(device=self.manager.device).manual_seed(job.seed)
+        # From the checkpoint's own scheduler config: a pipeline's current scheduler may be DMD's.
+        pipe.scheduler = scheduler_for(job, self.manager.encoder_pipe().scheduler.config, generator)
 
         kwargs = dict(cond.kwargs)
-        steps = job.steps
+        steps = len(pipe.scheduler.fixed_timesteps) if job.sampler == "dmd" else job.steps
         if cond.pipeline == "i2i":
             steps, kwargs["strength"], _ = i2i_schedule(job.steps, kwargs["strength"])
         else:
@@ -176,7 +186,6 @@ class Generator:
 
         threshold = cache_threshold(job, cond.pipeline, self.settings)
         denoise_started = time.perf_counter()
-        generator = torch.Generator(device=self.manager.device).manual_seed(job.seed)
         with torch.inference_mode(), step_cache(pipe.transformer, threshold):
             result = pipe(
                 prompt_embeds=prompt_embeds,
@@ -195,4 +204,16 @@ class Generator:
         timings["denoising"] = last_step - denoise_started
         timings["vae_decode"] = finished - last_step
         frames = np.asarray(result.frames[0], dtype=np.float32)
-        return Generated(frames, pipe.num_timesteps, threshold, timings)
+        timesteps = [int(t) for t in pipe.scheduler.timesteps] if job.sampler == "dmd" else None
+        return Generated(frames, pipe.num_timesteps, threshold, timings, timesteps)
+
+
+def scheduler_for(job: Job, base_config: Any, generator: torch.Generator):
+    """UniPC at the job's flow shift, or DMD on the job's timesteps re-noising from ``generator``."""
+    if job.sampler == "dmd":
+        from .dmd import DMDScheduler
+
+        return DMDScheduler.for_schedule(job.timesteps or P.TURBO_TIMESTEPS, job.flow_shift, generator)
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler.from_config(base_config, flow_shift=job.flow_shift)

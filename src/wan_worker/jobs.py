@@ -62,6 +62,9 @@ class Job:
     adjustments: list[str] = field(default_factory=list)
     ignored_overrides: list[str] = field(default_factory=list)
     ignored_fields: list[str] = field(default_factory=list)
+    #: How the scheduler steps; ``dmd`` runs ``timesteps`` (one forward each), ``unipc`` ``steps``.
+    sampler: P.Sampler = "unipc"
+    timesteps: tuple[int, ...] | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -90,14 +93,13 @@ def _first(*candidates: tuple[object, str]) -> tuple[object, str] | tuple[None, 
     return None, None
 
 
-def build_job(inp: JobInput, job_id: str) -> Job:
+def build_job(inp: JobInput, job_id: str, default_quality: P.Quality | None = None) -> Job:
+    """``default_quality`` (DEFAULT_QUALITY) applies when the job gives no quality, over the
+    job type's preset quality."""
     preset = P.JOB_TYPES[inp.job_type]
     cfg = inp.config
     adjustments: list[str] = []
     ignored = sorted(f"config.{k}" for k in (cfg.model_extra or {}))
-
-    quality: P.Quality = inp.quality or preset.quality
-    qp = P.QUALITY_PRESETS[quality]
 
     width, height = _size(inp, adjustments)
 
@@ -124,6 +126,8 @@ def build_job(inp: JobInput, job_id: str) -> Job:
     references = _references(inp)
     mode = _reference_mode(inp, references, adjustments)
     denoise, denoise_source = _denoise(inp)
+    quality = _quality(inp, default_quality, preset.quality, mode, adjustments)
+    qp = P.QUALITY_PRESETS[quality]
 
     job = Job(
         job_id=job_id,
@@ -156,7 +160,70 @@ def build_job(inp: JobInput, job_id: str) -> Job:
         ignored_fields=inp.ignored_fields,
     )
     _apply_strength_policy(job)
+    if quality == "turbo":
+        _apply_turbo(job, inp)
     return job
+
+
+def _quality(
+    inp: JobInput, default: P.Quality | None, preset: P.Quality, mode: ReferenceMode, adjustments: list[str]
+) -> P.Quality:
+    """The job's quality, else DEFAULT_QUALITY, else the job type's.
+
+    Turbo has no reference-conditioned model (references run VACE or image-to-image), so a job
+    that asks for turbo with references is refused; one that only inherits turbo from
+    DEFAULT_QUALITY runs at its job type's quality instead, and says so.
+    """
+    requested, name = _first((inp.quality, "quality"), (inp.config.quality, "config.quality"))
+    if requested is not None:
+        if requested == "turbo" and mode != "none":
+            raise InvalidInput(
+                f"{name} 'turbo' can't be used with reference images: reference modes run VACE or "
+                "image-to-image, which have no distilled model; use quality fast, balanced or high, "
+                "or send no reference",
+                field=name,
+            )
+        return requested  # type: ignore[return-value]
+    if default == "turbo" and mode != "none":
+        adjustments.append(
+            f"DEFAULT_QUALITY 'turbo' doesn't apply to reference modes (no distilled model); "
+            f"ran at the job type's quality '{preset}'"
+        )
+        return preset
+    return default or preset
+
+
+def _apply_turbo(job: Job, inp: JobInput) -> None:
+    """The distilled schedule: fixed timesteps, no CFG, no step cache. Overrides that the
+    distilled model can't honour are reported, never silently dropped."""
+    cfg = inp.config
+    steps = cfg.num_inference_steps or len(P.TURBO_TIMESTEPS)
+    if steps > len(P.TURBO_TIMESTEPS):
+        raise InvalidInput(
+            f"config.num_inference_steps: quality 'turbo' runs at most {len(P.TURBO_TIMESTEPS)} steps "
+            f"(the distilled timesteps {list(P.TURBO_TIMESTEPS)}), got {steps}",
+            field="config.num_inference_steps",
+        )
+    job.sampler = "dmd"
+    job.timesteps = P.TURBO_TIMESTEPS[:steps]
+    job.steps = steps
+    if cfg.guidance_scale is not None and cfg.guidance_scale != 1.0:
+        job.adjustments.append(
+            f"config.guidance_scale {cfg.guidance_scale:g} ignored: quality 'turbo' runs without "
+            "classifier-free guidance (1.0)"
+        )
+    job.guidance_scale = 1.0
+    if cfg.sample_shift is not None and cfg.sample_shift != P.TURBO_FLOW_SHIFT:
+        job.adjustments.append(
+            f"config.sample_shift {cfg.sample_shift:g} ignored: quality 'turbo' runs its distilled timesteps"
+        )
+    job.flow_shift = P.TURBO_FLOW_SHIFT
+    if job.negative_prompt:
+        job.adjustments.append("negative_prompt unused: quality 'turbo' runs without classifier-free guidance")
+        job.negative_prompt = ""
+    if job.step_cache == "on":
+        job.adjustments.append("step_cache 'on' ignored: quality 'turbo' runs every one of its few steps")
+    job.step_cache = "off"
 
 
 def _size(inp: JobInput, adjustments: list[str]) -> tuple[int, int]:

@@ -18,15 +18,22 @@ class ModelLocator:
 
     settings: Settings
 
-    def resolve(self, repo_id: str) -> Path:
+    def resolve(self, repo_id: str, fetch_command: str | None = None) -> Path:
+        """``fetch_command``: what the error tells the operator to run when the weights are missing."""
         s = self.settings
         if Path(repo_id).is_dir():  # an explicit local checkpoint wins in every profile
             return Path(repo_id)
         if s.model_profile == "tiny":
             from . import tiny
 
-            root = tiny.ensure_tiny_models(s.tiny_models_dir)
-            return root / Path(repo_id).name
+            path = tiny.ensure_tiny_models(s.tiny_models_dir) / Path(repo_id).name
+            if path.is_dir():
+                return path
+            raise ModelUnavailable(
+                f"model weights for {repo_id} not found among the tiny models in {s.tiny_models_dir}; "
+                f"the full profile fetches them with: {fetch_command or DOWNLOAD_HINT.format(models_dir=s.models_dir)}",
+                retryable=False,
+            )
         candidates = [
             root / name for root in (s.models_dir, s.baked_models_dir) for name in (repo_id, Path(repo_id).name)
         ]
@@ -45,7 +52,7 @@ class ModelLocator:
                 continue
         raise ModelUnavailable(
             f"model weights for {repo_id} not found in {s.models_dir} or the Hugging Face cache; "
-            f"download them with: {DOWNLOAD_HINT.format(models_dir=s.models_dir)} "
+            f"download them with: {fetch_command or DOWNLOAD_HINT.format(models_dir=s.models_dir)} "
             "(or mount a network volume at /runpod-volume)",
             retryable=False,
         )

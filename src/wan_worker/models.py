@@ -14,6 +14,7 @@ the GPU while the transformer works when the budget asks for it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -79,6 +80,57 @@ def load_errors(repo_id: str, path: Path, hint: str = "", refresh_worker: bool =
         raise ModelUnavailable(
             f"could not load {repo_id} from {path}: {type(exc).__name__}: {exc}{hint}", refresh_worker=refresh_worker
         ) from exc
+
+
+#: Config keys that record how a file was written, not what the model is.
+_PROVENANCE_KEYS = ("transformers_version", "torch_dtype", "dtype", "architectures")
+
+
+def _config(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_") and k not in _PROVENANCE_KEYS}
+
+
+def check_shared_configs(base: Path, other: Path, repo_id: str) -> None:
+    """Refuse a checkpoint whose text encoder or VAE differ from the base model's: its
+    transformer would run on embeddings and latents it wasn't trained with. A folder without
+    these configs (only the transformer downloaded) is taken as sharing them."""
+    for component in ("text_encoder", "vae"):
+        theirs, ours = other / component / "config.json", base / component / "config.json"
+        if not theirs.is_file() or not ours.is_file():
+            continue
+        a, b = _config(ours), _config(theirs)
+        differing = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        if differing:
+            raise ModelUnavailable(
+                f"{repo_id} at {other} has a different {component} from the base model "
+                f"({component}/config.json differs in: {', '.join(differing[:8])}); it can't share "
+                "the resident one",
+                retryable=False,
+            )
+
+
+def _module_kind(key: str) -> str:
+    """``blocks.3.attn1.to_gate_compress.weight`` -> ``attn1.to_gate_compress``."""
+    parts = [p for p in key.split(".")[:-1] if not p.isdigit() and p != "blocks"]
+    return ".".join(parts)
+
+
+class _DropUnusedWeightsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "were not used when initializing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_unused_weights() -> Iterator[None]:
+    """diffusers warns with every unused key name (hundreds); the loader logs one summary instead."""
+    target = logging.getLogger("diffusers.models.modeling_utils")
+    quiet = _DropUnusedWeightsWarning()
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
 
 
 @dataclass
@@ -167,6 +219,8 @@ class ModelManager:
                 pipe = WanVideoToVideoPipeline(transformer=base.transformer, **common)
             elif name == "vace":
                 pipe = WanVACEPipeline(transformer=self._load_vace_transformer(), **common)
+            elif name == "turbo":
+                pipe = WanPipeline(transformer=self._load_turbo_transformer(), **common)
             else:
                 raise KeyError(name)
             pipe.set_progress_bar_config(disable=True)
@@ -193,19 +247,66 @@ class ModelManager:
         self.load_seconds["vace"] = time.perf_counter() - started
         return transformer
 
+    def _load_turbo_transformer(self):
+        """Only the distilled transformer: it was distilled against the base model's UMT5 and VAE,
+        which stay shared (checked, not assumed). The sparse-attention gate weights
+        (``to_gate_compress``) that dense attention doesn't use are dropped, and logged once."""
+        from diffusers import WanTransformer3DModel
+
+        repo_id = self.settings.turbo_model_id
+        fetch = f"{DOWNLOAD_HINT.format(models_dir=self.settings.models_dir)} --only-turbo"
+        path = self.locator.resolve(repo_id, fetch_command=fetch)
+        check_shared_configs(self.locator.resolve(self.settings.t2v_model_id), path, repo_id)
+        started = time.perf_counter()
+        with load_errors(repo_id, path, hint=f". Re-download with: {fetch}"), _quiet_unused_weights():
+            transformer, info = WanTransformer3DModel.from_pretrained(
+                path,
+                subfolder="transformer",
+                local_files_only=True,
+                dtype=torch.bfloat16,
+                output_loading_info=True,
+                **self._load_placement(path / "transformer"),
+            )
+        skipped = sorted(info.get("unexpected_keys") or [])
+        if skipped:
+            log.info(
+                "turbo checkpoint: weights unused by dense attention skipped",
+                extra={"count": len(skipped), "modules": sorted({_module_kind(k) for k in skipped})},
+            )
+        from .accel import optimize_transformer
+
+        optimize_transformer(transformer, self.settings)
+        self._register("turbo_transformer", transformer)
+        self.load_seconds["turbo"] = time.perf_counter() - started
+        return transformer
+
+    def model_id(self, name: str) -> str:
+        """The checkpoint whose transformer a pipeline name runs (for the job's metadata)."""
+        s = self.settings
+        return {"vace": s.vace_model_id, "turbo": s.turbo_model_id}.get(name, s.t2v_model_id)
+
     def pipeline(self, name: str):
-        """``t2v``, ``vace`` or ``i2i``: the denoising pipeline for a job, loaded on first use."""
+        """``t2v``, ``turbo``, ``vace`` or ``i2i``: the denoising pipeline for a job, loaded on first use."""
         return self._denoise_pipe("t2v_denoise" if name == "t2v" else name)
 
     def warm_up(self, width: int, height: int, frames: int) -> None:
-        """Load WAN (and Qwen with WARMUP_QWEN) and compile for the default video shape now,
-        so the first job doesn't pay for it (WARMUP_ON_START)."""
+        """Load WAN (and Qwen with WARMUP_QWEN, the turbo transformer with DEFAULT_QUALITY=turbo)
+        and compile for the default video shape now, so the first job doesn't pay for it
+        (WARMUP_ON_START). A missing turbo checkpoint is logged, not fatal: the other qualities
+        still serve."""
         from .accel import warm_transformer, warm_vae
 
         pipe = self.pipeline("t2v")
+        transformers = [("transformer", pipe.transformer)]
+        if self.settings.default_quality == "turbo":
+            try:
+                transformers.append(("turbo_transformer", self.pipeline("turbo").transformer))
+            except ModelUnavailable as exc:
+                log.warning("turbo transformer not loaded at warm-up", extra={"reason": exc.message})
         if self.settings.compile_transformer and self.device.type == "cuda":
-            self.acquire(["transformer"], working_bytes=estimate_working_bytes(width, height, frames))
-            warm_transformer(pipe.transformer, height, width, frames)
+            for name, transformer in transformers:
+                self.acquire([name], working_bytes=estimate_working_bytes(width, height, frames))
+                warm_transformer(transformer, height, width, frames)
         if self.settings.compile_vae and self.device.type == "cuda":
             self.acquire(["vae"], working_bytes=estimate_working_bytes(width, height, 5))
             warm_vae(pipe.vae, height, width)

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Quality = Literal["fast", "balanced", "high"]
+Quality = Literal["turbo", "fast", "balanced", "high"]
+#: ``unipc``: diffusers' UniPC multistep solver (the base model's presets). ``dmd``: one
+#: forward per distilled timestep, predicting the clean latent and re-noising it (dmd.py).
+Sampler = Literal["unipc", "dmd"]
 OutputKind = Literal["image", "video"]
 StepCache = Literal["auto", "on", "off"]
 
@@ -24,13 +27,22 @@ class QualityPreset:
 
 
 QUALITY_PRESETS: dict[str, QualityPreset] = {
+    # The distilled model: one forward per distilled timestep, no classifier-free guidance.
+    "turbo": QualityPreset(steps=3, guidance_scale=1.0, step_cache=False),
     "fast": QualityPreset(steps=25, guidance_scale=6.5, step_cache=True),
     "balanced": QualityPreset(steps=35, guidance_scale=7.0, step_cache=False),
     "high": QualityPreset(steps=50, guidance_scale=7.5, step_cache=False),
 }
 
-#: The order the out-of-memory degrade path walks (seed: "Quality Degradation").
+#: The order the out-of-memory degrade path walks (seed: "Quality Degradation"). ``fast`` and
+#: ``turbo`` are floors: ``fast`` never drops to ``turbo``, which would load a second
+#: transformer when memory is already short and swap the model the job asked for.
 QUALITY_DEGRADE: dict[str, str] = {"high": "balanced", "balanced": "fast"}
+
+#: The distilled schedule of FastWan2.1-T2V-1.3B (FastVideo's ``dmd_denoising_steps``), and the
+#: shift of the 1000-step training grid its sigmas are looked up on (docs/DESIGN.md, "Turbo").
+TURBO_TIMESTEPS: tuple[int, ...] = (1000, 757, 522)
+TURBO_FLOW_SHIFT = 8.0
 
 
 @dataclass(frozen=True)

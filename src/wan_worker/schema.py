@@ -72,6 +72,7 @@ class JobConfig(BaseModel):
         validation_alias=AliasChoices("guidance_scale", "sample_guide_scale"),
     )
     seed: int | None = Field(default=None, ge=-1, le=P.SEED_MAX)
+    quality: P.Quality | None = None
     sample_shift: float | None = Field(default=None, ge=P.SHIFT_MIN, le=P.SHIFT_MAX, allow_inf_nan=False)
     frame_num: int | None = Field(default=None, ge=P.FRAMES_MIN, le=P.FRAMES_MAX)
     fps: int | None = Field(default=None, ge=P.FPS_MIN, le=P.FPS_MAX)

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .presets import Quality
+
 #: Names of the variables whose *values* are secret. ``debug_env`` reports only whether they
 #: are set, and the log redaction filter masks their values wherever they appear.
 SECRET_ENV_VARS = (
@@ -38,6 +40,8 @@ class Settings(BaseSettings):
     t2v_model_id: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     vace_model_id: str = "Wan-AI/Wan2.1-VACE-1.3B-diffusers"
     qwen_model: str = "Qwen/Qwen2.5-7B"
+    #: The DMD-distilled transformer of ``quality: "turbo"`` (a repo id or a local directory).
+    turbo_model_id: str = "FastVideo/FastWan2.1-T2V-1.3B-Diffusers"
     tiny_models_dir: Path = Path.home() / ".cache" / "wan-worker" / "tiny-models"
     vae_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     gpu_memory_budget_gb: float | None = Field(default=None, gt=0)
@@ -79,6 +83,8 @@ class Settings(BaseSettings):
     enhance_max_cache_len: int = Field(default=2048, ge=256, le=32768)
 
     # --- jobs, callback, metrics ----------------------------------------------------------
+    #: The quality of jobs that give none; when set it wins over the job type's preset quality.
+    default_quality: Quality | None = None
     job_timeout_s: float = Field(default=900.0, gt=0)
     worker_concurrency: int = Field(default=1, ge=1, le=16)
     work_dir: Path | None = None
@@ -98,7 +104,7 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = None
     runpod_ai_api_key: SecretStr | None = None
 
-    @field_validator("bucket_endpoint_url", "callback_url", "attention_backend", mode="before")
+    @field_validator("bucket_endpoint_url", "callback_url", "attention_backend", "default_quality", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

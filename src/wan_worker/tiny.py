@@ -16,6 +16,7 @@ import torch
 
 T2V_DIR = "Wan2.1-T2V-1.3B-Diffusers"
 VACE_DIR = "Wan2.1-VACE-1.3B-diffusers"
+TURBO_DIR = "FastWan2.1-T2V-1.3B-Diffusers"
 QWEN_BASE_DIR = "Qwen2.5-7B"
 QWEN_INSTRUCT_DIR = "Qwen2.5-7B-Instruct"
 
@@ -46,6 +47,7 @@ def ensure_tiny_models(root: Path) -> Path:
     builders = {
         T2V_DIR: _save_t2v,
         VACE_DIR: _save_vace,
+        TURBO_DIR: _save_turbo,
         QWEN_BASE_DIR: lambda d: _save_qwen(d, instruct=False),
         QWEN_INSTRUCT_DIR: lambda d: _save_qwen(d, instruct=True),
     }
@@ -111,6 +113,25 @@ def _save_t2v(path: Path) -> None:
         transformer=WanTransformer3DModel(**_TRANSFORMER),
     )
     pipe.save_pretrained(path)
+
+
+def _save_turbo(path: Path) -> None:
+    """The distilled checkpoint's layout: a whole diffusers folder whose transformer also
+    carries the sparse-attention gate (``attn1.to_gate_compress``, one Linear per block) that
+    diffusers' dense ``WanTransformer3DModel`` has no module for."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file, save_file
+
+    _save_t2v(path)
+    torch.manual_seed(1)  # its own weights: a test can tell which transformer ran
+    WanTransformer3DModel(**_TRANSFORMER).save_pretrained(path / "transformer")
+    weights_file = path / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    inner = _TRANSFORMER["num_attention_heads"] * _TRANSFORMER["attention_head_dim"]
+    for block in range(_TRANSFORMER["num_layers"]):
+        weights[f"blocks.{block}.attn1.to_gate_compress.weight"] = torch.randn(inner, inner) * 0.02
+        weights[f"blocks.{block}.attn1.to_gate_compress.bias"] = torch.zeros(inner)
+    save_file(weights, weights_file, metadata={"format": "pt"})
 
 
 def _save_vace(path: Path) -> None:

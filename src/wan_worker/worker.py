@@ -21,7 +21,7 @@ from . import actions, callback, logs
 from . import presets as P
 from .enhance import Enhancer
 from .errors import GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
-from .generate import Conditioning, Generated, Generator, build_conditioning
+from .generate import Conditioning, Generated, Generator, build_conditioning, model_pipeline
 from .jobs import Job, build_job
 from .media import encode
 from .models import ModelManager
@@ -68,7 +68,9 @@ class Worker:
             inp = parse_job_input(job.get("input"))
             if inp.action != "generate":
                 return actions.run(self, inp)
-            job_obj = build_job(inp, job_id=safe_job_id(inp.id or runpod_id))
+            job_obj = build_job(
+                inp, job_id=safe_job_id(inp.id or runpod_id), default_quality=self.settings.default_quality
+            )
             output = self._generate(job_obj, progress, started, metrics)
         except WorkerError as exc:
             output = exc.to_output()
@@ -106,10 +108,11 @@ class Worker:
         mode, images = self._references(job, progress, timings, warnings, deadline)
         cond = build_conditioning(job, mode, images)
 
-        if not self.manager.ready(cond.pipeline):
+        pipeline_name = model_pipeline(job, cond)
+        if not self.manager.ready(pipeline_name):
             progress.enter("loading")
             t = time.perf_counter()
-            self.manager.pipeline(cond.pipeline)
+            self.manager.pipeline(pipeline_name)
             timings["loading"] = time.perf_counter() - t
 
         prompt = job.prompt
@@ -194,6 +197,9 @@ class Worker:
             "scheduler_steps": run_job.steps,
             "guidance_scale": run_job.guidance_scale,
             "flow_shift": job.flow_shift,
+            "sampler": run_job.sampler,
+            "timesteps": generated.timesteps,
+            "model": self.manager.model_id(pipeline_name),
             "seed": job.seed,
             "seed_source": job.seed_source,
             "negative_prompt": job.negative_prompt,
