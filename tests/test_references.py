@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
-import types
+from textwrap import dedent
 
+import netns
 import pytest
 from PIL import Image
 from refserver import RefServer, png_bytes
@@ -63,19 +63,36 @@ def test_private_address_refused_by_default(server):
         R.load_reference(server.url("/red.png"), settings(allow_private_reference_urls=False))
 
 
-def test_redirect_target_is_checked_too(server, monkeypatch):
-    """'localhost' passes the check as if public; its redirect to 127.0.0.1 must still be refused."""
+@pytest.mark.skipif(not netns.available(), reason="needs unshare -n (root) for a loopback-only network namespace")
+def test_redirect_target_is_checked_too():
+    """A public host's redirect to 127.0.0.1 must still be refused.
 
-    def fake_getaddrinfo(host, *args, **kwargs):
-        if host == "localhost":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]
-        return socket.getaddrinfo(host, *args, **kwargs)
+    The public host is a server on ``netns.PUBLIC`` inside a loopback-only network namespace:
+    the connection goes to the checked address, so the public host must really be there.
+    """
+    result = netns.run_isolated(
+        dedent(
+            f"""
+            import json
+            from refserver import RefServer
+            from wan_worker import references as R
+            from wan_worker.settings import Settings
 
-    monkeypatch.setattr(R, "socket", types.SimpleNamespace(getaddrinfo=fake_getaddrinfo, gaierror=socket.gaierror))
-    url = f"http://localhost:{server.port}/redirect?to={server.url('/red.png')}"
+            server = RefServer(host="{netns.PUBLIC}")
+            url = server.url("/redirect?to=http://127.0.0.1:1/red.png")
+            try:
+                R.load_reference(url, Settings(allow_private_reference_urls=False, reference_timeout_s=5))
+                error = None
+            except R.ReferenceFetchError as exc:
+                error = str(exc)
+            print(json.dumps({{"error": error, "hits": server.hits}}))
+            """
+        )
+    )
     with pytest.raises(R.ReferenceFetchError, match="non-public"):
-        R.load_reference(url, settings(allow_private_reference_urls=False))
-    assert any(hit.startswith("/redirect") for hit in server.hits)
+        if result["error"] is not None:
+            raise R.ReferenceFetchError(result["error"])
+    assert any(hit.startswith("/redirect") for hit in result["hits"])
 
 
 def test_scheme_other_than_http_refused():

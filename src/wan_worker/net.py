@@ -271,7 +271,7 @@ class _DeadlineSocket:
         return io.BufferedReader(_DeadlineReader(self))
 
     def close(self) -> None:
-        self.sock.close()
+        """Nothing: http.client closes its connection before the body is read; ``send`` closes the socket."""
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -322,9 +322,9 @@ def send(
     ``max_bytes``, or one sent with a ``Content-Encoding`` other than identity, is refused.
     """
     addresses = resolve_checked(target, allow_private=allow_private, end=end, resolve=resolve)
-    sock = _DeadlineSocket(_connect(target, addresses, end), end)
+    raw = _connect(target, addresses, end)
     conn = http.client.HTTPConnection(str(addresses[0]), target.port)
-    conn.sock = sock  # type: ignore[assignment] - pre-connected: http.client never resolves or connects
+    conn.sock = _DeadlineSocket(raw, end)  # type: ignore[assignment] - pre-connected: no lookup, no connect
     try:
         conn.putrequest(method, target.path, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", target.authority)
@@ -346,6 +346,7 @@ def send(
         raise OutboundError(f"could not fetch from {target.host}") from None
     finally:
         conn.close()
+        raw.close()
 
 
 def _read_body(response: http.client.HTTPResponse, fields: Mapping[str, str], cap: int) -> bytes:
