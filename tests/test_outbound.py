@@ -18,9 +18,11 @@ from textwrap import dedent
 
 import netns
 import pytest
+from conftest import CALLBACK_SECRET, ApiWorker, CallbackReceiver, start_api_worker, stop, worker_env
 from refserver import RefServer, png_bytes
 
-from wan_worker import net
+from wan_worker import callback, net
+from wan_worker.settings import Settings
 
 PNG = png_bytes((10, 200, 10), (32, 32))
 
@@ -420,3 +422,104 @@ def test_body_cap_holds_with_and_without_a_content_length():
 def test_non_200_is_an_error_naming_the_status():
     with raw_server(respond("404 Not Found", b"no")) as server, pytest.raises(net.OutboundError, match="HTTP 404"):
         fetch(server.url(), allow_private=True)
+
+
+# -- the job callback -----------------------------------------------------------------------
+
+
+def deliver(url: str, deadline: float | None = None, **overrides) -> bool:
+    settings = Settings(**{"callback_timeout_s": 1.0, "callback_attempts": 4, **overrides})
+    return callback.deliver(url, CALLBACK_SECRET, {"job_id": "j"}, settings, deadline=deadline)
+
+
+def test_a_dripping_callback_receiver_is_bounded_for_all_attempts():
+    with raw_server(drip) as receiver:
+        started = time.monotonic()
+        assert deliver(receiver.url("/cb")) is False
+        assert time.monotonic() - started < 1.0 + 2.0  # CALLBACK_TIMEOUT_S bounds every attempt together
+
+
+def test_the_job_deadline_bounds_the_callback_with_a_short_grace():
+    with raw_server(drip) as receiver:
+        started = time.monotonic()
+        assert deliver(receiver.url("/cb"), deadline=started + 0.5, callback_timeout_s=30) is False
+        assert time.monotonic() - started < callback.LATE_JOB_GRACE_S + 2.0
+    # A job already past its deadline still reports its result to a receiver that answers.
+    with CallbackReceiver() as ok:
+        assert deliver(ok.url, deadline=time.monotonic() - 60) is True
+        assert len(ok.deliveries) == 1 and ok.deliveries[0].signature_ok
+
+
+def test_callback_redirects_are_not_followed_or_retried():
+    with CallbackReceiver() as target:
+        with raw_server(respond("307 Temporary Redirect", b"", (f"Location: {target.url}",))) as redirecting:
+            assert deliver(redirecting.url("/cb")) is False
+        assert redirecting.connections == 1 and target.deliveries == []
+
+
+@pytest.mark.parametrize(
+    "allowed, job_url, used",
+    [
+        ("hooks.example", "https://hooks.example/cb", True),
+        ("hooks.example", "https://hooks.example:8443/cb", True),  # a bare host: any port
+        ("hooks.example:8443", "https://hooks.example:8443/cb", True),
+        ("hooks.example:8443", "https://hooks.example/cb", False),
+        ("hooks.example:8443", "http://hooks.example:8080/cb", False),
+        ("HOOKS.example.:443", "https://hooks.EXAMPLE/cb", True),
+        ("[::1]:9000", "http://[0:0::1]:9000/cb", True),
+        ("[::1]:9000", "http://[::1]:9001/cb", False),
+        ("hooks.example", "http://hooks.example@127.0.0.1/cb", False),  # userinfo: host is 127.0.0.1
+        ("hooks.example", "http://127.0.0.1\\@hooks.example/cb", False),  # backslash
+        ("hooks.example", "http://hooks.example\t/cb", False),
+        ("hooks.example", "http://hooks%2eexample/cb", False),
+        ("hooks.example", "ftp://hooks.example/cb", False),
+    ],
+)
+def test_callback_allow_list_with_host_and_port(allowed, job_url, used):
+    settings = Settings(callback_url="https://operator.example/cb", callback_allowed_hosts=allowed)
+    url, warning = callback.resolve_url(settings, job_url)
+    assert (url == job_url) is used
+    assert (warning is None) is used
+    if not used:
+        assert url == "https://operator.example/cb"
+
+
+def test_an_invalid_configured_callback_url_sends_nothing():
+    with raw_server(respond()) as receiver:
+        assert deliver(f"http://operator.example@127.0.0.1:{receiver.port}/cb") is False
+    assert receiver.connections == 0
+
+
+# -- end to end: a worker with private references refused --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def public_only_worker(tiny_models, s3, tmp_path_factory) -> Iterator[ApiWorker]:
+    env = worker_env(tiny_models, **s3.env(), ALLOW_PRIVATE_REFERENCE_URLS="0")
+    worker = start_api_worker(env, tmp_path_factory.mktemp("public-only") / "worker.log")
+    yield worker
+    stop(worker.proc)
+
+
+def test_parser_differential_reference_refused_through_the_api_and_worker_keeps_serving(public_only_worker):
+    server = RefServer()
+    job = {"job_type": "image_fast", "prompt": "p", "width": 256, "height": 256, "config": {"num_inference_steps": 1}}
+    try:
+        for url in (
+            f"http://images.example@127.0.0.1:{server.port}/red.png",
+            f"http://127.0.0.1:{server.port}\\@images.example/red.png",
+            f"http://0x7f000001:{server.port}/red.png",
+            f"http://[::ffff:127.0.0.1]:{server.port}/red.png",
+        ):
+            out = public_only_worker.runsync({**job, "reference_image_url": url, "strict_references": True})
+            assert out["status"] == "FAILED", out
+            assert "reference_image_url" in out["error"] and (
+                "invalid URL" in out["error"] or "non-public" in out["error"]
+            )
+        lenient = public_only_worker.runsync({**job, "reference_image_url": f"http://0x7f000001:{server.port}/red.png"})
+        assert lenient["status"] == "COMPLETED", lenient
+        assert lenient["output"]["assets"][0]["metadata"]["reference_mode_applied"] == "none"
+        assert any("invalid URL" in w for w in lenient["output"]["warnings"])
+        assert server.hits == []  # nothing reached the loopback server
+    finally:
+        server.close()

@@ -8,6 +8,7 @@ import time
 from textwrap import dedent
 
 import netns
+import numpy as np
 import pytest
 from PIL import Image
 from refserver import RefServer, png_bytes
@@ -130,3 +131,22 @@ def test_prepare_center_crops_to_target_aspect():
     assert fitted.size == (64, 128)
     # Center crop keeps the middle columns: the left edge of the source (x=0) is cut away.
     assert fitted.getpixel((0, 0))[0] > 150
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped_to_white():
+    ramp = (np.arange(64, dtype=np.uint32).reshape(1, 64).repeat(8, 0) * 1024).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode in ("I;16", "I")
+    decoded = R.decode_image(buf.getvalue(), settings())
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == (0, 0, 0)
+    assert decoded.getpixel((32, 0)) == (127, 127, 127)  # 32768 of 65535 is mid-gray
+    assert decoded.getpixel((63, 0)) == (251, 251, 251)  # 64512 // 257
+
+
+@pytest.mark.parametrize("prefix", ["DATA:IMAGE/PNG;BASE64,", "Data:Image/Png;Base64,", "data:image/PNG;base64,"])
+def test_data_uri_scheme_and_media_type_are_case_insensitive(prefix):
+    uri = prefix + base64.b64encode(png_bytes((1, 2, 3))).decode()
+    image = R.load_reference(uri, settings())
+    assert image.size == (320, 200) and image.getpixel((100, 50)) == (1, 2, 3)
