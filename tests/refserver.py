@@ -10,10 +10,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from PIL import Image
 
 
-def serve_on_loopback(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+def serve_on_loopback(
+    handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0
+) -> ThreadingHTTPServer:
     """A threaded HTTP server on 127.0.0.1 (a free port), serving from a daemon thread.
+    ``host`` may be another local address (inside the tests' network namespace, see netns.py).
     Stop it with ``server.shutdown(); server.server_close()``."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -37,7 +40,8 @@ def bomb_png() -> bytes:
 
 
 class RefServer:
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
         self.routes: dict[str, tuple[int, str, bytes]] = {
             "/red.png": (200, "image/png", png_bytes((220, 30, 30))),
             "/blue.png": (200, "image/png", png_bytes((30, 30, 220))),
@@ -83,11 +87,11 @@ class RefServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = serve_on_loopback(Handler)
+        self.httpd = serve_on_loopback(Handler, host, port)
         self.port = self.httpd.server_address[1]
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
-import types
+from textwrap import dedent
 
+import netns
+import numpy as np
 import pytest
 from PIL import Image
 from refserver import RefServer, png_bytes
@@ -63,19 +64,36 @@ def test_private_address_refused_by_default(server):
         R.load_reference(server.url("/red.png"), settings(allow_private_reference_urls=False))
 
 
-def test_redirect_target_is_checked_too(server, monkeypatch):
-    """'localhost' passes the check as if public; its redirect to 127.0.0.1 must still be refused."""
+@pytest.mark.skipif(not netns.available(), reason="needs unshare -n (root) for a loopback-only network namespace")
+def test_redirect_target_is_checked_too():
+    """A public host's redirect to 127.0.0.1 must still be refused.
 
-    def fake_getaddrinfo(host, *args, **kwargs):
-        if host == "localhost":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]
-        return socket.getaddrinfo(host, *args, **kwargs)
+    The public host is a server on ``netns.PUBLIC`` inside a loopback-only network namespace:
+    the connection goes to the checked address, so the public host must really be there.
+    """
+    result = netns.run_isolated(
+        dedent(
+            f"""
+            import json
+            from refserver import RefServer
+            from wan_worker import references as R
+            from wan_worker.settings import Settings
 
-    monkeypatch.setattr(R, "socket", types.SimpleNamespace(getaddrinfo=fake_getaddrinfo, gaierror=socket.gaierror))
-    url = f"http://localhost:{server.port}/redirect?to={server.url('/red.png')}"
+            server = RefServer(host="{netns.PUBLIC}")
+            url = server.url("/redirect?to=http://127.0.0.1:1/red.png")
+            try:
+                R.load_reference(url, Settings(allow_private_reference_urls=False, reference_timeout_s=5))
+                error = None
+            except R.ReferenceFetchError as exc:
+                error = str(exc)
+            print(json.dumps({{"error": error, "hits": server.hits}}))
+            """
+        )
+    )
     with pytest.raises(R.ReferenceFetchError, match="non-public"):
-        R.load_reference(url, settings(allow_private_reference_urls=False))
-    assert any(hit.startswith("/redirect") for hit in server.hits)
+        if result["error"] is not None:
+            raise R.ReferenceFetchError(result["error"])
+    assert any(hit.startswith("/redirect") for hit in result["hits"])
 
 
 def test_scheme_other_than_http_refused():
@@ -113,3 +131,22 @@ def test_prepare_center_crops_to_target_aspect():
     assert fitted.size == (64, 128)
     # Center crop keeps the middle columns: the left edge of the source (x=0) is cut away.
     assert fitted.getpixel((0, 0))[0] > 150
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped_to_white():
+    ramp = (np.arange(64, dtype=np.uint32).reshape(1, 64).repeat(8, 0) * 1024).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode in ("I;16", "I")
+    decoded = R.decode_image(buf.getvalue(), settings())
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == (0, 0, 0)
+    assert decoded.getpixel((32, 0)) == (127, 127, 127)  # 32768 of 65535 is mid-gray
+    assert decoded.getpixel((63, 0)) == (251, 251, 251)  # 64512 // 257
+
+
+@pytest.mark.parametrize("prefix", ["DATA:IMAGE/PNG;BASE64,", "Data:Image/Png;Base64,", "data:image/PNG;base64,"])
+def test_data_uri_scheme_and_media_type_are_case_insensitive(prefix):
+    uri = prefix + base64.b64encode(png_bytes((1, 2, 3))).decode()
+    image = R.load_reference(uri, settings())
+    assert image.size == (320, 200) and image.getpixel((100, 50)) == (1, 2, 3)

@@ -289,17 +289,19 @@ class Worker:
     # -- after the job ------------------------------------------------------------------------
 
     def _finish(self, job: Job, output: dict[str, Any], metrics: dict, seconds: float) -> None:
-        self._callback(job.job_id, job.callback_url, output)
+        self._callback(job.job_id, job.callback_url, output, time.monotonic() - seconds + self.settings.job_timeout_s)
         self._log_metrics(job, output, metrics, seconds)
 
-    def _callback(self, job_id: str, job_url: str | None, output: dict[str, Any]) -> None:
+    def _callback(
+        self, job_id: str, job_url: str | None, output: dict[str, Any], deadline: float | None = None
+    ) -> None:
         s = self.settings
         url, warning = callback.resolve_url(s, job_url)
         if warning:
             output.setdefault("warnings", []).append(warning)
         if url and s.callback_secret:
             delivered = callback.deliver(
-                url, s.callback_secret.get_secret_value(), callback.callback_body(job_id, output), s
+                url, s.callback_secret.get_secret_value(), callback.callback_body(job_id, output), s, deadline=deadline
             )
             output["callback_delivered"] = delivered
 
