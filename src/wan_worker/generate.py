@@ -26,6 +26,7 @@ from . import presets as P
 from .accel import step_cache
 from .errors import JobTimeout
 from .jobs import Job
+from .loras import LoraRuntime
 from .models import ModelManager, estimate_working_bytes
 from .progress import Progress
 from .settings import Settings
@@ -124,6 +125,7 @@ class Generator:
     def __init__(self, manager: ModelManager, settings: Settings) -> None:
         self.manager = manager
         self.settings = settings
+        self.loras = LoraRuntime(manager, settings)
 
     def encode_prompt(self, job: Job, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.manager.acquire(["text_encoder"], working_bytes=ENCODER_WORKING_BYTES)
@@ -175,9 +177,15 @@ class Generator:
             return {}
 
         threshold = cache_threshold(job, cond.pipeline, self.settings)
-        denoise_started = time.perf_counter()
         generator = torch.Generator(device=self.manager.device).manual_seed(job.seed)
-        with torch.inference_mode(), step_cache(pipe.transformer, threshold):
+        with (
+            self.loras.applied(pipe.transformer, job) as lora_switch,
+            torch.inference_mode(),
+            step_cache(pipe.transformer, threshold),
+        ):
+            if lora_switch is not None:
+                timings["lora_switch"] = lora_switch
+            denoise_started = time.perf_counter()
             result = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,

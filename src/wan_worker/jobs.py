@@ -32,6 +32,16 @@ class ReferenceSource:
     field: str  # e.g. "first_frame" or "metadata.start_reference_url"
 
 
+@dataclass(frozen=True)
+class LoraRequest:
+    name: str
+    scale: float
+    field: str  # e.g. "loras[0]" or "config.loras[1]"
+
+
+Sampler = Literal["unipc", "dmd"]
+
+
 @dataclass
 class Job:
     job_id: str
@@ -62,6 +72,10 @@ class Job:
     adjustments: list[str] = field(default_factory=list)
     ignored_overrides: list[str] = field(default_factory=list)
     ignored_fields: list[str] = field(default_factory=list)
+    loras: tuple[LoraRequest, ...] = ()
+    sampler: Sampler = "unipc"
+    #: Where steps, guidance_scale, flow_shift and sampler came from (a LoRA sidecar may set them).
+    sampling_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -154,9 +168,22 @@ def build_job(inp: JobInput, job_id: str) -> Job:
         adjustments=adjustments,
         ignored_overrides=ignored,
         ignored_fields=inp.ignored_fields,
+        loras=_loras(inp),
+        sampling_sources={
+            "steps": "config.num_inference_steps" if cfg.num_inference_steps else f"quality:{quality}",
+            "guidance_scale": "config.guidance_scale" if cfg.guidance_scale is not None else f"quality:{quality}",
+            "flow_shift": "config.sample_shift" if cfg.sample_shift is not None else "default",
+            "sampler": "default",
+        },
     )
     _apply_strength_policy(job)
     return job
+
+
+def _loras(inp: JobInput) -> tuple[LoraRequest, ...]:
+    """The front-end ``loras`` list, else ``config.loras`` (the usual precedence)."""
+    specs, where = (inp.loras, "loras") if inp.loras is not None else (inp.config.loras, "config.loras")
+    return tuple(LoraRequest(s.name, float(s.scale), f"{where}[{i}]") for i, s in enumerate(specs or ()))
 
 
 def _size(inp: JobInput, adjustments: list[str]) -> tuple[int, int]:
@@ -257,4 +284,5 @@ def _apply_strength_policy(job: Job) -> None:
         job.guidance_scale = 1.0
         job.negative_prompt = ""
         job.steps = P.exact_copy_steps(clamped)
+        job.sampling_sources.update(steps="exact_copy_mode", guidance_scale="exact_copy_mode")
         job.adjustments.append(f"exact_copy_mode: guidance_scale 1.0, no negative prompt, {job.steps} steps")

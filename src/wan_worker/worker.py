@@ -103,6 +103,11 @@ class Worker:
         if job.ignored_fields:
             warnings.append("ignored fields: " + ", ".join(job.ignored_fields))
 
+        t = time.perf_counter()
+        loras_applied = self.generator.loras.prepare(job)  # may set steps/guidance/shift from a sidecar
+        if job.loras:
+            timings["lora_loading"] = time.perf_counter() - t
+
         mode, images = self._references(job, progress, timings, warnings, deadline)
         cond = build_conditioning(job, mode, images)
 
@@ -185,6 +190,7 @@ class Worker:
                 conditioning_scale=cond.conditioning_scale,
                 resize_policy=RESIZE_POLICY if images else None,
                 conditioning=cond.summary(),
+                loras_applied=loras_applied,
             ),
         )
         metadata: dict[str, Any] = {
@@ -194,6 +200,8 @@ class Worker:
             "scheduler_steps": run_job.steps,
             "guidance_scale": run_job.guidance_scale,
             "flow_shift": job.flow_shift,
+            "sampler": job.sampler,
+            "sampling_sources": job.sampling_sources,
             "seed": job.seed,
             "seed_source": job.seed_source,
             "negative_prompt": job.negative_prompt,
