@@ -405,7 +405,11 @@ class LoraRuntime:
                         for layer in layers.values():
                             if req.scale != 1.0 and slots[i] in layer.scaling:
                                 layer.scaling[slots[i]].mul_(req.scale)
-                except Exception as exc:
+                except torch.OutOfMemoryError:
+                    _zero_slot(layers, slots[i])
+                    transformer.disable_lora()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - whatever peft refuses: the slot is emptied
                     _zero_slot(layers, slots[i])
                     transformer.disable_lora()
                     raise LoraError(f"could not be swapped in: {type(exc).__name__}: {str(exc)[:200]}") from None
