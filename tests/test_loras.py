@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ApiWorker, handle, start_api_worker, stop, tiny_worker, worker_env
+from conftest import ApiWorker, handle, png_data_uri, start_api_worker, stop, tiny_worker, worker_env
 from safetensors.torch import save_file
 
 #: The tiny transformer (wan_worker.tiny): width 24, feed-forward 32, text 32, two blocks.
@@ -202,6 +202,33 @@ def test_sidecar_defaults_apply_and_job_overrides_win(lora_worker):
     assert meta["sampling_sources"]["steps"] == "config.num_inference_steps"
     assert meta["sampling_sources"]["guidance_scale"] == "config.guidance_scale"
     assert meta["sampling_sources"]["flow_shift"] == "lora:turbo"
+
+
+def test_lora_applies_to_the_vace_transformer(lora_worker):
+    """A reference job runs on the VACE transformer, which has its own slots."""
+    job = {
+        "job_type": "video_fast",
+        "prompt": "a red ball rolling",
+        "width": 256,
+        "height": 256,
+        "frame_num": 5,
+        "seed": 4,
+        "reference_image_url": png_data_uri(),
+        "config": {"num_inference_steps": 2},
+    }
+
+    def video(**extra) -> tuple[bytes, dict]:
+        out = lora_worker.runsync({**job, **extra})
+        assert out["status"] == "COMPLETED", out
+        asset = out["output"]["assets"][0]
+        assert asset["metadata"]["pipeline"] == "vace" and asset["url"].startswith("data:video/mp4;base64,")
+        return base64.b64decode(asset["url"].split(",", 1)[1]), asset["metadata"]
+
+    plain, _ = video()
+    styled, meta = video(loras=[{"name": "kijai-detail", "scale": 1.2}])
+    assert meta["loras_applied"][0]["name"] == "kijai-detail"
+    assert styled != plain
+    assert video()[0] == plain
 
 
 BAD_INPUTS = [

@@ -88,4 +88,4 @@ def enhance(worker: Worker, inp: JobInput) -> dict[str, Any]:
 
 def list_loras(worker: Worker, inp: JobInput) -> dict[str, Any]:
     """The LoRA files in ``LORA_DIR``, described from their headers (nothing is loaded)."""
-    return {**worker.generator.loras.list(), "worker": "wan"}
+    return {**worker.generator.loras.describe_all(), "worker": "wan"}

@@ -26,6 +26,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,7 +188,11 @@ def add_slots(transformer: torch.nn.Module, count: int, rank: int) -> int:
             zeros[f"{name}.lora_B.weight"] = torch.zeros(fan_out, rank, dtype=dtype, device=device)
         # scales become tensors (and ranks padded) so later swaps keep a compiled graph
         transformer.enable_lora_hotswap(target_rank=rank, check_compiled="ignore")
-        transformer.load_lora_adapter(zeros, prefix=None, adapter_name=f"{SLOT_PREFIX}{i}")
+        with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            transformer.load_lora_adapter(zeros, prefix=None, adapter_name=f"{SLOT_PREFIX}{i}")
+    names = slot_names(transformer)
+    _activate_slots(_lora_layers(transformer), names)  # frozen weights, as every later call sees them
     transformer.disable_lora()
     transformer._wan_lora_slots = [None] * count  # what each slot holds: (sha256, scale)
     log.info(
@@ -257,7 +262,7 @@ class LoraRuntime:
 
     # -- listing ------------------------------------------------------------------------------
 
-    def list(self) -> dict[str, Any]:
+    def describe_all(self) -> dict[str, Any]:
         """``{"action": "list_loras"}``: every ``.safetensors`` in ``LORA_DIR``, from headers only."""
         root = self.settings.lora_dir
         found: list[dict[str, Any]] = []
@@ -292,8 +297,11 @@ class LoraRuntime:
         if not job.loras:
             return []
         s = self.settings
+        where = job.loras[0].field.rsplit("[", 1)[0]
+        if s.fuse_qkv:
+            # fused q/k/v projections bypass the per-projection LoRA layers: refuse rather than half-apply
+            raise InvalidInput(f"{where}: this worker runs with FUSE_QKV=true, which LoRAs can't apply to", field=where)
         if len(job.loras) > s.max_loras_per_job:
-            where = job.loras[0].field.rsplit("[", 1)[0]
             raise InvalidInput(
                 f"{where}: at most {s.max_loras_per_job} LoRAs per job (MAX_LORAS_PER_JOB), got {len(job.loras)}",
                 field=where,
@@ -414,10 +422,14 @@ class LoraRuntime:
                     transformer.disable_lora()
                     raise LoraError(f"could not be swapped in: {type(exc).__name__}: {str(exc)[:200]}") from None
                 held[i] = (lora.sha256, req.scale)
-        active = slots[: len(job.loras)]
-        for layer in layers.values():
-            layer.set_adapter(active, inference_mode=True)
+        _activate_slots(layers, slots[: len(job.loras)])
         transformer.enable_lora()
+
+
+def _activate_slots(layers: dict[str, Any], names: list[str]) -> None:
+    """Only the slots a job uses compute; ``inference_mode`` keeps every adapter weight frozen."""
+    for layer in layers.values():
+        layer.set_adapter(names, inference_mode=True)
 
 
 def _zero_slot(layers: dict[str, Any], slot: str) -> None:
