@@ -10,11 +10,19 @@ import base64
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ApiWorker, handle, png_data_uri, start_api_worker, stop, tiny_worker, worker_env
+from conftest import ApiWorker, handle, png_data_uri, start_api_worker, stop, tiny_settings, tiny_worker, worker_env
+from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
+
+from wan_worker.accel import transformer_dummy_inputs
+from wan_worker.jobs import LoraRequest
+from wan_worker.loras import LoraRuntime, add_slots
+from wan_worker.models import ModelManager
+from wan_worker.tiny import T2V_DIR
 
 #: The tiny transformer (wan_worker.tiny): width 24, feed-forward 32, text 32, two blocks.
 WIDTH, FFN, BLOCKS = 24, 32, 2
@@ -282,3 +290,45 @@ def test_bad_loras_through_the_api_and_the_worker_keeps_serving(lora_worker, bas
     assert image_bytes(generate(lora_worker)) == baseline
     health = lora_worker.runsync({"action": "health"})
     assert health["status"] == "COMPLETED" and health["output"]["status"] == "healthy"
+
+
+def test_hot_swap_keeps_the_compiled_graph(tiny_models, lora_dir):
+    """The blocks compiled as accel.compile_blocks does (``fullgraph=True``, here with a backend
+    that counts graphs): swapping files and scales compiles nothing new, and switching LoRAs
+    off returns exactly the output from before any LoRA was on."""
+    settings = tiny_settings(tiny_models, lora_dir=lora_dir, max_lora_rank=16)
+    transformer = WanTransformer3DModel.from_pretrained(
+        tiny_models / T2V_DIR, subfolder="transformer", dtype=torch.bfloat16
+    )
+    add_slots(transformer, settings.max_loras_per_job, settings.max_lora_rank)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for module in transformer.modules():
+        if type(module).__name__ in transformer._repeated_blocks:
+            module.forward = torch.compile(module.forward, backend=counting_backend, fullgraph=True, dynamic=False)
+    runtime = LoraRuntime(ModelManager(settings), settings)
+    inputs = transformer_dummy_inputs(transformer, 64, 64, 5, "cpu", text_len=16)
+
+    def forward(*loras: tuple[str, float]) -> torch.Tensor:
+        job = SimpleNamespace(loras=tuple(LoraRequest(n, s, f"loras[{i}]") for i, (n, s) in enumerate(loras)))
+        with runtime.applied(transformer, job), torch.inference_mode():
+            return transformer(**inputs)[0]
+
+    plain = forward()
+    ink = forward(("ink-style", 0.5))
+    one_slot = len(graphs)
+    kijai = forward(("kijai-detail", -1.0))
+    ink_stronger = forward(("ink-style", 1.5))
+    assert len(graphs) == one_slot  # new file, new scale: same graph
+    assert not torch.equal(ink, kijai) and not torch.equal(ink, ink_stronger) and not torch.equal(ink, plain)
+    assert torch.equal(forward(), plain)
+    forward(("ink-style", 0.5), ("kijai-detail", 1.0))
+    two_slots = len(graphs)
+    forward(("kijai-detail", 0.3), ("ink-style", 1.0))
+    assert len(graphs) == two_slots
+    assert torch.equal(forward(("ink-style", 0.5)), ink)  # back in slot 0 after other contents
+    assert len(graphs) == two_slots
