@@ -19,9 +19,10 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
 from wan_worker.accel import transformer_dummy_inputs
-from wan_worker.jobs import LoraRequest
+from wan_worker.jobs import LoraRequest, build_job
 from wan_worker.loras import LoraRuntime, add_slots
 from wan_worker.models import ModelManager
+from wan_worker.schema import parse_job_input
 from wan_worker.tiny import T2V_DIR
 
 #: The tiny transformer (wan_worker.tiny): width 24, feed-forward 32, text 32, two blocks.
@@ -332,3 +333,32 @@ def test_hot_swap_keeps_the_compiled_graph(tiny_models, lora_dir):
     assert len(graphs) == two_slots
     assert torch.equal(forward(("ink-style", 0.5)), ink)  # back in slot 0 after other contents
     assert len(graphs) == two_slots
+
+
+def test_cache_is_lru_bounded_and_counted_in_the_budget(tiny_models, lora_dir):
+    def job(name: str):
+        return build_job(parse_job_input({**JOB, "loras": [{"name": name}]}), job_id="j")
+
+    def runtime_with(cache_gb: float) -> LoraRuntime:
+        settings = tiny_settings(tiny_models, lora_dir=lora_dir, lora_cache_gb=cache_gb)
+        return LoraRuntime(ModelManager(settings), settings)
+
+    probe = runtime_with(1.0)
+    sizes = {}
+    for name in ("ink-style", "turbo", "wrong-shape"):
+        before = probe.cache_bytes()
+        probe.prepare(job(name))
+        sizes[name] = probe.cache_bytes() - before
+    assert sizes["ink-style"] == sizes["turbo"] > sizes["wrong-shape"] > 0
+
+    limit = sizes["ink-style"] * 2  # room for two full-width PEFT files
+    runtime = runtime_with(limit / 1024**3)
+    runtime.prepare(job("ink-style"))
+    runtime.prepare(job("turbo"))
+    runtime.prepare(job("ink-style"))  # used again: now the most recent
+    runtime.prepare(job("wrong-shape"))  # over the limit: the least recently used (turbo) goes
+    assert [Path(key[0]).stem for key in runtime._cache] == ["ink-style", "wrong-shape"]
+    assert runtime.cache_bytes() <= limit
+    report = runtime.manager.memory_report()
+    assert report["accounted_gib"]["lora_cache"] == round(runtime.cache_bytes() / 1024**3, 3)
+    assert runtime.manager.resident_bytes() == runtime.cache_bytes()  # no model loaded: the cache is all it holds
