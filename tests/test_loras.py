@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from wan_worker.accel import transformer_dummy_inputs
 from wan_worker.jobs import LoraRequest, build_job
-from wan_worker.loras import LoraRuntime, add_slots
+from wan_worker.loras import LoraRuntime, add_slots, slots_active
 from wan_worker.models import ModelManager
 from wan_worker.schema import parse_job_input
 from wan_worker.tiny import T2V_DIR
@@ -320,8 +320,11 @@ def test_hot_swap_keeps_the_compiled_graph(tiny_models, lora_dir):
             return transformer(**inputs)[0]
 
     plain = forward()
-    ink = forward(("ink-style", 0.5))
+    with slots_active(transformer, 1), torch.inference_mode():  # what the warm-up does
+        assert torch.equal(transformer(**inputs)[0], plain)  # empty slots change nothing
     one_slot = len(graphs)
+    ink = forward(("ink-style", 0.5))
+    assert len(graphs) == one_slot  # the warm-up compiled the graph of a one-LoRA job
     kijai = forward(("kijai-detail", -1.0))
     ink_stronger = forward(("ink-style", 1.5))
     assert len(graphs) == one_slot  # new file, new scale: same graph

@@ -208,6 +208,22 @@ def add_slots(transformer: torch.nn.Module, count: int, rank: int) -> int:
     return count
 
 
+@contextlib.contextmanager
+def slots_active(transformer: torch.nn.Module, count: int) -> Iterator[bool]:
+    """The first ``count`` slots on, as they hold (empty after load), for a warm-up forward that
+    compiles the graph a job with ``count`` LoRAs runs; yields False when there are no slots."""
+    names = slot_names(transformer)[:count]
+    if not names:
+        yield False
+        return
+    _activate_slots(_lora_layers(transformer), names)
+    transformer.enable_lora()
+    try:
+        yield True
+    finally:
+        transformer.disable_lora()
+
+
 def _lora_layers(transformer: torch.nn.Module) -> dict[str, Any]:
     from peft.tuners.lora import LoraLayer
 

@@ -211,6 +211,11 @@ class ModelManager:
         if self.settings.compile_transformer and self.device.type == "cuda":
             self.acquire(["transformer"], working_bytes=estimate_working_bytes(width, height, frames))
             warm_transformer(pipe.transformer, height, width, frames)
+            from .loras import slots_active
+
+            with slots_active(pipe.transformer, 1) as has_slots:  # the one-LoRA graph too
+                if has_slots:
+                    warm_transformer(pipe.transformer, height, width, frames)
         if self.settings.compile_vae and self.device.type == "cuda":
             self.acquire(["vae"], working_bytes=estimate_working_bytes(width, height, 5))
             warm_vae(pipe.vae, height, width)
