@@ -1,6 +1,7 @@
 """Non-generation actions: the seed's HTTP endpoints, as serverless job inputs.
 
-``{"action": "health"}``, ``{"action": "debug_env"}`` and ``{"action": "enhance", ...}``.
+``{"action": "health"}``, ``{"action": "debug_env"}``, ``{"action": "enhance", ...}`` and
+``{"action": "list_loras"}``.
 ``debug_env`` reports only *whether* each expected variable is set, never a value.
 """
 
@@ -25,12 +26,14 @@ EXPECTED_ENV_VARS = (
     "CALLBACK_ALLOWED_HOSTS",
     "GPU_MEMORY_BUDGET_GB",
     "JOB_TIMEOUT_S",
+    "LORA_DIR",
     *SECRET_ENV_VARS,
 )
 
 
 def run(worker: Worker, inp: JobInput) -> dict[str, Any]:
-    return {"health": health, "debug_env": debug_env, "enhance": enhance}[inp.action](worker, inp)
+    actions = {"health": health, "debug_env": debug_env, "enhance": enhance, "list_loras": list_loras}
+    return actions[inp.action](worker, inp)
 
 
 def health(worker: Worker, inp: JobInput) -> dict[str, Any]:
@@ -81,3 +84,8 @@ def enhance(worker: Worker, inp: JobInput) -> dict[str, Any]:
     if result.reason:
         response["reason"] = result.reason
     return response
+
+
+def list_loras(worker: Worker, inp: JobInput) -> dict[str, Any]:
+    """The LoRA files in ``LORA_DIR``, described from their headers (nothing is loaded)."""
+    return {**worker.generator.loras.describe_all(), "worker": "wan"}

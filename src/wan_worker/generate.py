@@ -27,6 +27,7 @@ from . import presets as P
 from .accel import step_cache
 from .errors import JobTimeout
 from .jobs import Job
+from .loras import LoraRuntime
 from .models import ModelManager, estimate_working_bytes
 from .progress import Progress
 from .settings import Settings
@@ -133,6 +134,7 @@ class Generator:
     def __init__(self, manager: ModelManager, settings: Settings) -> None:
         self.manager = manager
         self.settings = settings
+        self.loras = LoraRuntime(manager, settings)
 
     def encode_prompt(self, job: Job, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.manager.acquire(["text_encoder"], working_bytes=ENCODER_WORKING_BYTES)
@@ -185,8 +187,14 @@ class Generator:
             return {}
 
         threshold = cache_threshold(job, cond.pipeline, self.settings)
-        denoise_started = time.perf_counter()
-        with torch.inference_mode(), step_cache(pipe.transformer, threshold):
+        with (
+            self.loras.applied(pipe.transformer, job) as lora_switch,
+            torch.inference_mode(),
+            step_cache(pipe.transformer, threshold),
+        ):
+            if lora_switch is not None:
+                timings["lora_switch"] = lora_switch
+            denoise_started = time.perf_counter()
             result = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,

@@ -32,6 +32,13 @@ class ReferenceSource:
     field: str  # e.g. "first_frame" or "metadata.start_reference_url"
 
 
+@dataclass(frozen=True)
+class LoraRequest:
+    name: str
+    scale: float
+    field: str  # e.g. "loras[0]" or "config.loras[1]"
+
+
 @dataclass
 class Job:
     job_id: str
@@ -65,6 +72,9 @@ class Job:
     #: How the scheduler steps; ``dmd`` runs ``timesteps`` (one forward each), ``unipc`` ``steps``.
     sampler: P.Sampler = "unipc"
     timesteps: tuple[int, ...] | None = None
+    loras: tuple[LoraRequest, ...] = ()
+    #: Where steps, guidance_scale, flow_shift and sampler came from (a LoRA sidecar may set them).
+    sampling_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -158,6 +168,13 @@ def build_job(inp: JobInput, job_id: str, default_quality: P.Quality | None = No
         adjustments=adjustments,
         ignored_overrides=ignored,
         ignored_fields=inp.ignored_fields,
+        loras=_loras(inp),
+        sampling_sources={
+            "steps": "config.num_inference_steps" if cfg.num_inference_steps else f"quality:{quality}",
+            "guidance_scale": "config.guidance_scale" if cfg.guidance_scale is not None else f"quality:{quality}",
+            "flow_shift": "config.sample_shift" if cfg.sample_shift is not None else "default",
+            "sampler": "default",
+        },
     )
     _apply_strength_policy(job)
     if quality == "turbo":
@@ -207,6 +224,13 @@ def _apply_turbo(job: Job, inp: JobInput) -> None:
     job.sampler = "dmd"
     job.timesteps = P.TURBO_TIMESTEPS[:steps]
     job.steps = steps
+    turbo = "quality:turbo"
+    job.sampling_sources.update(
+        steps="config.num_inference_steps" if cfg.num_inference_steps else turbo,
+        guidance_scale=turbo,
+        flow_shift=turbo,
+        sampler=turbo,
+    )
     if cfg.guidance_scale is not None and cfg.guidance_scale != 1.0:
         job.adjustments.append(
             f"config.guidance_scale {cfg.guidance_scale:g} ignored: quality 'turbo' runs without "
@@ -224,6 +248,12 @@ def _apply_turbo(job: Job, inp: JobInput) -> None:
     if job.step_cache == "on":
         job.adjustments.append("step_cache 'on' ignored: quality 'turbo' runs every one of its few steps")
     job.step_cache = "off"
+
+
+def _loras(inp: JobInput) -> tuple[LoraRequest, ...]:
+    """The front-end ``loras`` list, else ``config.loras`` (the usual precedence)."""
+    specs, where = (inp.loras, "loras") if inp.loras is not None else (inp.config.loras, "config.loras")
+    return tuple(LoraRequest(s.name, float(s.scale), f"{where}[{i}]") for i, s in enumerate(specs or ()))
 
 
 def _size(inp: JobInput, adjustments: list[str]) -> tuple[int, int]:
@@ -324,4 +354,5 @@ def _apply_strength_policy(job: Job) -> None:
         job.guidance_scale = 1.0
         job.negative_prompt = ""
         job.steps = P.exact_copy_steps(clamped)
+        job.sampling_sources.update(steps="exact_copy_mode", guidance_scale="exact_copy_mode")
         job.adjustments.append(f"exact_copy_mode: guidance_scale 1.0, no negative prompt, {job.steps} steps")

@@ -143,6 +143,7 @@ class ModelManager:
     def __post_init__(self) -> None:
         self.locator = ModelLocator(self.settings)
         self._modules: dict[str, Resident] = {}
+        self._accounted: dict[str, int] = {}  # device bytes held outside modules (the LoRA cache)
         self._pipes: dict[str, Any] = {}
         self._qwen: tuple[Any, Any] | None = None
         self._lock = threading.RLock()
@@ -194,7 +195,9 @@ class ModelManager:
             )
         pipe.set_progress_bar_config(disable=True)
         from .accel import optimize_transformer, optimize_vae
+        from .loras import prepare_transformer
 
+        prepare_transformer(pipe.transformer, self.settings)  # LoRA slots go in before compile
         optimize_transformer(pipe.transformer, self.settings)
         optimize_vae(pipe.vae, self.settings)
         self._register("text_encoder", pipe.text_encoder)
@@ -241,7 +244,9 @@ class ModelManager:
                 **self._load_placement(path / "transformer"),
             )
         from .accel import optimize_transformer
+        from .loras import prepare_transformer
 
+        prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
         optimize_transformer(transformer, self.settings)
         self._register("vace_transformer", transformer)
         self.load_seconds["vace"] = time.perf_counter() - started
@@ -274,7 +279,9 @@ class ModelManager:
                 extra={"count": len(skipped), "modules": sorted({_module_kind(k) for k in skipped})},
             )
         from .accel import optimize_transformer
+        from .loras import prepare_transformer
 
+        prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
         optimize_transformer(transformer, self.settings)
         self._register("turbo_transformer", transformer)
         self.load_seconds["turbo"] = time.perf_counter() - started
@@ -304,9 +311,14 @@ class ModelManager:
             except ModelUnavailable as exc:
                 log.warning("turbo transformer not loaded at warm-up", extra={"reason": exc.message})
         if self.settings.compile_transformer and self.device.type == "cuda":
+            from .loras import slots_active
+
             for name, transformer in transformers:
                 self.acquire([name], working_bytes=estimate_working_bytes(width, height, frames))
                 warm_transformer(transformer, height, width, frames)
+                with slots_active(transformer, 1) as has_slots:  # the one-LoRA graph too
+                    if has_slots:
+                        warm_transformer(transformer, height, width, frames)
         if self.settings.compile_vae and self.device.type == "cuda":
             self.acquire(["vae"], working_bytes=estimate_working_bytes(width, height, 5))
             warm_vae(pipe.vae, height, width)
@@ -359,7 +371,12 @@ class ModelManager:
         self.acquire([name], working_bytes=0)
 
     def resident_bytes(self) -> int:
-        return sum(r.nbytes for r in self._modules.values() if r.on_device)
+        return sum(r.nbytes for r in self._modules.values() if r.on_device) + sum(self._accounted.values())
+
+    def account(self, name: str, nbytes: int) -> None:
+        """Device memory held outside registered modules (e.g. cached LoRA weights), counted in the budget."""
+        with self._lock:
+            self._accounted[name] = nbytes
 
     def acquire(self, names: list[str], working_bytes: int) -> None:
         """Make ``names`` resident on the device, evicting LRU modules to fit the budget."""
@@ -406,6 +423,7 @@ class ModelManager:
             "device": str(self.device),
             "resident": sorted(n for n, r in self._modules.items() if r.on_device),
             "offloaded": sorted(n for n, r in self._modules.items() if not r.on_device),
+            "accounted_gib": {n: round(b / GiB, 3) for n, b in self._accounted.items()},
             "budget_gib": round(self.budget_bytes / GiB, 2) if self.budget_bytes < 1 << 60 else None,
         }
         if self.device.type == "cuda":

@@ -31,7 +31,7 @@ JobTypeName = Literal[
     "video7b_high_enhanced",
 ]
 ReferenceMode = Literal["none", "single", "start", "end", "both"]
-Action = Literal["generate", "enhance", "health", "debug_env"]
+Action = Literal["generate", "enhance", "health", "debug_env", "list_loras"]
 
 _SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _IMAGE_SOURCE_MAX = 30_000_000  # chars; a data URI of a 20 MB image fits
@@ -51,6 +51,26 @@ def _check_image_source(value: str | None) -> str | None:
     if not (lowered.startswith(("http://", "https://")) or lowered.startswith("data:image/")):
         raise ValueError("must be an http(s) URL or a data:image/...;base64 URI")
     return value
+
+
+class LoraSpec(BaseModel):
+    """One LoRA for a job: a file stem under ``LORA_DIR`` and its strength.
+
+    Unknown keys are refused, so a future source field (e.g. ``url``) can be added without
+    old workers silently ignoring it.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, description="file stem of LORA_DIR/<name>.safetensors")
+    scale: float = Field(default=1.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_stem(cls, value: str) -> str:
+        if "/" in value or "\\" in value or ".." in value or value.startswith(".") or "\x00" in value:
+            raise ValueError("must be a plain file stem under LORA_DIR (no path separators, no '..', no leading '.')")
+        return value
 
 
 class JobConfig(BaseModel):
@@ -85,6 +105,7 @@ class JobConfig(BaseModel):
     last_frame: str | None = Field(default=None, max_length=_IMAGE_SOURCE_MAX)
     denoise_strength: float | None = Strength
     reference_strength: float | None = Strength
+    loras: list[LoraSpec] | None = None
 
     _image_sources = field_validator("image", "first_frame", "last_frame")(_check_image_source)
 
@@ -148,6 +169,7 @@ class JobInput(BaseModel):
     target_worker: Literal["wan"] | None = None
     callback_url: str | None = Field(default=None, max_length=2048)
     model: Literal["qwen_base", "qwen_instruct"] = "qwen_base"
+    loras: list[LoraSpec] | None = None
     config: JobConfig = Field(default_factory=JobConfig)
     metadata: JobMetadata = Field(default_factory=JobMetadata)
 
@@ -189,7 +211,7 @@ def parse_job_input(raw: Any) -> JobInput:
 def _invalid_input(exc: ValidationError) -> InvalidInput:
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
+        loc = _field_path(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if not loc and ":" in msg:  # model-level checks prefix the field themselves
             loc, msg = (s.strip() for s in msg.split(":", 1))
@@ -197,6 +219,16 @@ def _invalid_input(exc: ValidationError) -> InvalidInput:
     first = problems[0]
     text = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
     return InvalidInput(f"invalid input: {text}", field=first["field"], details={"problems": problems[:20]})
+
+
+def _field_path(loc: tuple) -> str:
+    """pydantic's location as the caller wrote it: ``config.loras[1].scale``."""
+    path = ""
+    for part in loc:
+        if part == "function-after":
+            continue
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +251,7 @@ class AssetMetadata(BaseModel):
     conditioning_scale: float | None
     resize_policy: str | None
     conditioning: dict[str, Any] | None = None
+    loras_applied: list[dict[str, Any]] = []  # {"name", "scale", "sha256"} per LoRA
 
 
 class Asset(BaseModel):

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     enhance_compile: bool = True  # static cache + CUDA-graph decode, CUDA only (accel.py)
     enhance_max_cache_len: int = Field(default=2048, ge=256, le=32768)
 
+    # --- LoRAs (loras.py) -------------------------------------------------------------------
+    lora_dir: Path = Path("/runpod-volume/loras")
+    max_loras_per_job: int = Field(default=3, ge=0, le=8)  # also the number of swap slots per transformer
+    lora_cache_gb: float = Field(default=2.0, ge=0)
+    max_lora_rank: int = Field(default=64, ge=1, le=1024)  # slot rank: larger LoRAs are refused
+
     # --- jobs, callback, metrics ----------------------------------------------------------
     #: The quality of jobs that give none; when set it wins over the job type's preset quality.
     default_quality: Quality | None = None

@@ -105,6 +105,11 @@ class Worker:
         if job.ignored_fields:
             warnings.append("ignored fields: " + ", ".join(job.ignored_fields))
 
+        t = time.perf_counter()
+        loras_applied = self.generator.loras.prepare(job)  # may set steps/guidance/shift from a sidecar
+        if job.loras:
+            timings["lora_loading"] = time.perf_counter() - t
+
         mode, images = self._references(job, progress, timings, warnings, deadline)
         cond = build_conditioning(job, mode, images)
 
@@ -188,6 +193,7 @@ class Worker:
                 conditioning_scale=cond.conditioning_scale,
                 resize_policy=RESIZE_POLICY if images else None,
                 conditioning=cond.summary(),
+                loras_applied=loras_applied,
             ),
         )
         metadata: dict[str, Any] = {
@@ -200,6 +206,7 @@ class Worker:
             "sampler": run_job.sampler,
             "timesteps": generated.timesteps,
             "model": self.manager.model_id(pipeline_name),
+            "sampling_sources": run_job.sampling_sources,
             "seed": job.seed,
             "seed_source": job.seed_source,
             "negative_prompt": job.negative_prompt,
