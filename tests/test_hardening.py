@@ -8,10 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -297,7 +297,68 @@ def test_work_dir_probe_leaves_nothing_behind(tmp_path):
     assert "not a writable directory" in (work_dir_problem(Settings(work_dir=tmp_path / "missing")) or "")
 
 
-def test_docs_exist_for_new_behaviour():
-    ops = (ROOT / "docs" / "OPERATIONS.md").read_text()
-    assert "## Threat model: the worker" in ops
-    assert Path(ROOT / "README.md").read_text().count("work_dir_unavailable") >= 1
+# --------------------------------------------------------------------------------------------
+# 7, 8. Documentation that must match the code
+
+
+def table_codes(text: str, header: str) -> list[str]:
+    """The first-column codes of the markdown table under ``header``."""
+    lines = text.splitlines()
+    start = lines.index(header) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(re.match(r"\|\s*`([a-z_]+)`", line).group(1))  # type: ignore[union-attr]
+    return rows
+
+
+def test_error_code_tables_match_the_error_codes():
+    from wan_worker.errors import ErrorCode
+
+    codes = sorted(code.value for code in ErrorCode)
+    readme = table_codes((ROOT / "README.md").read_text(), "| `error_code` | meaning |")
+    assert sorted(readme) == codes, "README's error_code table drifted from ErrorCode"
+    operations = table_codes(
+        (ROOT / "docs" / "OPERATIONS.md").read_text(), "| `error_code` | retryable | restarts worker | cause |"
+    )
+    assert sorted(operations) == codes, "docs/OPERATIONS.md's error_code table drifted from ErrorCode"
+    # Codes are defined once: no module passes a free string as an error code.
+    for path in (ROOT / "src" / "wan_worker").glob("*.py"):
+        assert not re.search(r"\bcode\s*=\s*[\"']", path.read_text()), f"{path.name} uses a free-string error code"
+
+
+def test_hub_env_defaults_match_settings_defaults():
+    from wan_worker.settings import Settings
+
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    checked = 0
+    for entry in hub["config"]["env"]:
+        field = Settings.model_fields.get(entry["key"].lower())
+        if field is None:
+            continue
+        default, hub_default = field.default, entry["input"]["default"]
+        if default is None:
+            assert hub_default in ("", None), entry["key"]
+        elif isinstance(default, bool):
+            assert hub_default is default, (entry["key"], hub_default, default)
+        elif isinstance(default, int | float):
+            assert hub_default == default, (entry["key"], hub_default, default)
+        else:
+            assert str(hub_default) == str(default), (entry["key"], hub_default, default)
+        checked += 1
+    assert checked >= 10
+    # The README's and DEPLOY's defaults for the same variables agree too.
+    readme = (ROOT / "README.md").read_text()
+    assert "| `WARMUP_ON_START` | `true` |" in readme
+    assert "| `WARMUP_ON_START` | `true` (default) |" in (ROOT / "docs" / "DEPLOY.md").read_text()
+
+
+def test_hub_container_disk_matches_deploy():
+    """The Hub image bakes the weights (.runpod/Dockerfile), so it needs DEPLOY's baked disk size."""
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    match = re.search(
+        r"\| Container disk \| (\d+) GB \(code-only\) / (\d+) GB \(baked", (ROOT / "docs/DEPLOY.md").read_text()
+    )
+    assert match, "docs/DEPLOY.md names no container disk sizes"
+    assert hub["config"]["containerDiskInGb"] == int(match.group(2))
