@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,8 @@ class FaultProxy:
     Requests pass through byte for byte (the Host header too, so SigV4 signatures stay
     valid). ``fail`` answers the next N matching requests with a 500 S3 error;
     ``delay_s`` sleeps before forwarding the next ``delay_count`` matching requests.
-    ``methods`` limits the faults to some HTTP methods (default: all).
+    ``methods`` limits the faults to some HTTP methods (default: all); ``match``, a predicate
+    on (method, path), limits them further.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -218,6 +219,7 @@ class FaultProxy:
         self.delay_s = 0.0
         self.delay_count = 0
         self.methods: set[str] | None = None
+        self.match: Callable[[str, str], bool] | None = None
         self.log: list[tuple[str, str, int]] = []  # (method, path, status), once answered
         self.requests: list[tuple[str, str]] = []  # (method, path), as they arrive
         self._lock = threading.Lock()
@@ -248,7 +250,9 @@ class FaultProxy:
                 body = self._read_body()
                 with proxy._lock:
                     proxy.requests.append((self.command, self.path))
-                    matches = proxy.methods is None or self.command in proxy.methods
+                    matches = (proxy.methods is None or self.command in proxy.methods) and (
+                        proxy.match is None or proxy.match(self.command, self.path)
+                    )
                     fail = matches and proxy.fail > 0
                     if fail:
                         proxy.fail -= 1

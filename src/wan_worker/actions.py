@@ -38,12 +38,14 @@ def run(worker: Worker, inp: JobInput) -> dict[str, Any]:
 
 def health(worker: Worker, inp: JobInput) -> dict[str, Any]:
     memory = worker.manager.memory_report()
+    reasons = worker.readiness.reasons()
     return {
-        "status": "healthy",
+        "status": "unhealthy" if reasons else "healthy",
         "worker": "wan",
         "qwen_loaded": worker.manager.qwen_loaded,
         "wan_loaded": worker.manager.wan_loaded,
-        "worker_ready": True,
+        "worker_ready": not reasons,
+        "reason": "; ".join(reasons) or None,
         "timestamp": time.time(),
         "uptime_seconds": round(time.time() - worker.started_at, 1),
         "jobs_done": worker.jobs_done,

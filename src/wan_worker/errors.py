@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
+
+
+class ErrorCode(StrEnum):
+    """Every ``error_code`` a job can fail with; the README's table lists exactly these."""
+
+    INVALID_INPUT = "invalid_input"
+    REFERENCE_UNAVAILABLE = "reference_unavailable"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    WORK_DIR_UNAVAILABLE = "work_dir_unavailable"
+    STORAGE_ERROR = "storage_error"
+    STORAGE_NOT_CONFIGURED = "storage_not_configured"
+    JOB_TIMEOUT = "job_timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    CUDA_ERROR = "cuda_error"
+    DISK_FULL = "disk_full"
+    GENERATION_FAILED = "generation_failed"
+    INTERNAL_ERROR = "internal_error"
 
 
 class WorkerError(Exception):
@@ -12,14 +30,14 @@ class WorkerError(Exception):
     ``refresh_worker`` asks RunPod to restart this worker after the job (CUDA faults).
     """
 
-    code = "internal_error"
+    code = ErrorCode.INTERNAL_ERROR
     retryable = False
 
     def __init__(
         self,
         message: str,
         *,
-        code: str | None = None,
+        code: ErrorCode | None = None,
         retryable: bool | None = None,
         field: str | None = None,
         refresh_worker: bool = False,
@@ -34,7 +52,7 @@ class WorkerError(Exception):
         self.details = details or {}
 
     def to_output(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.message, "error_code": self.code, "retryable": self.retryable}
+        out: dict[str, Any] = {"error": self.message, "error_code": str(self.code), "retryable": self.retryable}
         if self.field:
             out["field"] = self.field
         if self.details:
@@ -45,28 +63,35 @@ class WorkerError(Exception):
 
 
 class InvalidInput(WorkerError):
-    code = "invalid_input"
+    code = ErrorCode.INVALID_INPUT
 
 
 class ReferenceUnavailable(WorkerError):
     """A reference image could not be used (and ``strict_references`` asked to fail)."""
 
-    code = "reference_unavailable"
+    code = ErrorCode.REFERENCE_UNAVAILABLE
 
 
 class ModelUnavailable(WorkerError):
-    code = "model_unavailable"
+    code = ErrorCode.MODEL_UNAVAILABLE
 
 
 class StorageError(WorkerError):
-    code = "storage_error"
+    code = ErrorCode.STORAGE_ERROR
     retryable = True
 
 
 class JobTimeout(WorkerError):
-    code = "job_timeout"
+    code = ErrorCode.JOB_TIMEOUT
     retryable = True
 
 
 class GenerationFailed(WorkerError):
-    code = "generation_failed"
+    code = ErrorCode.GENERATION_FAILED
+
+
+class WorkDirUnavailable(WorkerError):
+    """``WORK_DIR`` is missing or not writable: the job would fail after generating."""
+
+    code = ErrorCode.WORK_DIR_UNAVAILABLE
+    retryable = True

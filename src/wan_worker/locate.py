@@ -40,7 +40,7 @@ class ModelLocator:
         for path in candidates:
             if path.is_dir() and any(path.iterdir()):
                 return path
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
 
         cache_dirs = [None, Path("/runpod-volume/huggingface-cache/hub")]
         if s.hf_home:
@@ -50,9 +50,12 @@ class ModelLocator:
                 return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True))
             except Exception:  # noqa: BLE001 - any miss means "not in this cache"
                 continue
+        searched = [*dict.fromkeys(map(str, candidates))]
+        caches = [*dict.fromkeys(str(d or constants.HF_HUB_CACHE) for d in cache_dirs)]
         raise ModelUnavailable(
-            f"model weights for {repo_id} not found in {s.models_dir} or the Hugging Face cache; "
-            f"download them with: {fetch_command or DOWNLOAD_HINT.format(models_dir=s.models_dir)} "
-            "(or mount a network volume at /runpod-volume)",
+            f"model weights for {repo_id} not found; searched {', '.join(searched)} and the Hugging Face "
+            f"cache{'s' if len(caches) > 1 else ''} {', '.join(caches)}; download them with: "
+            f"{fetch_command or DOWNLOAD_HINT.format(models_dir=s.models_dir)} (or mount a network volume at /runpod-volume)",
             retryable=False,
+            details={"searched": searched, "hf_caches": caches},
         )

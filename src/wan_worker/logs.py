@@ -1,7 +1,9 @@
 """Structured JSON logs: one object per line, with the job id, and secrets redacted.
 
-The redaction filter runs on every record of every logger (the RunPod SDK's too), so a
-secret that reaches a message by accident - an exception text, a URL - is masked.
+The redaction filter runs on every record of every logger, so a secret that reaches a
+message by accident - an exception text, a URL - is masked. The RunPod SDK's own logger
+does not use ``logging``: it ``print``s. So ``configure`` also wraps ``sys.stdout`` and
+``sys.stderr`` in a stream that masks the same values in whatever is written to them.
 """
 
 from __future__ import annotations
@@ -60,10 +62,46 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class RedactingStream:
+    """A text stream that masks secrets in each ``write`` and forwards everything else.
+
+    ``print`` writes the message in one call, so a secret inside one printed message is
+    always masked; only a secret split across separate writes could pass.
+    """
+
+    def __init__(self, stream: Any, redact: RedactSecrets) -> None:
+        self._stream = stream
+        self._redact = redact
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._redact.redact(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, buffer, ...
+        return getattr(self._stream, name)
+
+
+def redact_std_streams(redact: RedactSecrets) -> None:
+    """Route ``sys.stdout``/``sys.stderr`` through ``RedactingStream`` (once; later calls update the secrets)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, RedactingStream):
+            stream._redact = redact
+        elif stream is not None:
+            setattr(sys, name, RedactingStream(stream, redact))
+
+
 def configure(level: str, secrets: list[str], runpod_level: str = "INFO") -> None:
+    redact = RedactSecrets(secrets)
+    if redact.secrets:
+        redact_std_streams(redact)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    handler.addFilter(RedactSecrets(secrets))
+    handler.addFilter(redact)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

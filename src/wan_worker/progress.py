@@ -2,7 +2,8 @@
 
 Each stage owns a slice of 0-100 %. Stage changes are always sent; denoising steps are
 sent at most once per ``min_interval`` seconds (and always on the last step), so a fast
-worker does not flood the job queue with IN_PROGRESS posts.
+worker does not flood the job queue with IN_PROGRESS posts. In a local run there is no job
+API to post to, so progress only goes to the log (at debug level).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,9 @@ STAGES: dict[str, tuple[int, int]] = {
 Sender = Callable[[dict[str, Any]], None]
 
 
-def runpod_sender(job: dict[str, Any]) -> Sender:
+def runpod_sender(job: dict[str, Any], settings: Settings) -> Sender:
+    if not settings.job_api_available:
+        return lambda payload: log.debug("progress", extra={"progress": payload})
     import runpod
 
     def send(payload: dict[str, Any]) -> None:

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # --- only ever redacted or reported as set/unset ---------------------------------------
     hf_token: SecretStr | None = None
     runpod_ai_api_key: SecretStr | None = None
+    #: Set by RunPod on a deployed worker; unset in local runs, where the SDK has no job API
+    #: to send progress to (the SDK itself picks local mode the same way).
+    runpod_webhook_get_job: SecretStr | None = None
+    runpod_webhook_post_output: SecretStr | None = None
 
     @field_validator("bucket_endpoint_url", "callback_url", "attention_backend", "default_quality", mode="before")
     @classmethod
@@ -118,6 +122,11 @@ class Settings(BaseSettings):
     @property
     def bucket_configured(self) -> bool:
         return bool(self.bucket_endpoint_url and self.bucket_access_key_id and self.bucket_secret_access_key)
+
+    @property
+    def job_api_available(self) -> bool:
+        """Whether RunPod's job API (which also takes progress updates) is there to post to."""
+        return bool(self.runpod_webhook_get_job and self.runpod_webhook_post_output)
 
     @property
     def allowed_callback_hosts(self) -> frozenset[str]:

@@ -20,12 +20,13 @@ import torch
 from . import actions, callback, logs
 from . import presets as P
 from .enhance import Enhancer
-from .errors import GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
+from .errors import ErrorCode, GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
 from .generate import Conditioning, Generated, Generator, build_conditioning, model_pipeline
 from .jobs import Job, build_job
 from .media import encode
 from .models import ModelManager
 from .progress import Progress, Sender, runpod_sender
+from .readiness import Readiness
 from .references import RESIZE_POLICY, ReferenceFetchError, load_reference, prepare
 from .schema import Asset, AssetMetadata, JobResult, parse_job_input
 from .settings import Settings, get_settings
@@ -44,6 +45,7 @@ class Worker:
         self.generator = Generator(self.manager, settings)
         self.enhancer = Enhancer(self.manager, settings)
         self.storage = Storage(settings)
+        self.readiness = Readiness(settings)
         self.started_at = time.time()
         self.jobs_done = 0
 
@@ -60,7 +62,7 @@ class Worker:
 
     def _handle(self, job: dict[str, Any], runpod_id: str, send: Sender | None) -> dict[str, Any]:
         started = time.perf_counter()
-        progress = Progress(send or runpod_sender(job))
+        progress = Progress(send or runpod_sender(job, self.settings))
         metrics: dict[str, Any] = {}
         job_obj: Job | None = None
         try:
@@ -71,7 +73,7 @@ class Worker:
             job_obj = build_job(
                 inp, job_id=safe_job_id(inp.id or runpod_id), default_quality=self.settings.default_quality
             )
-            output = self._generate(job_obj, progress, started, metrics)
+            output = self._generate(job_obj, runpod_id, progress, started, metrics)
         except WorkerError as exc:
             output = exc.to_output()
         except Exception as exc:
@@ -80,7 +82,7 @@ class Worker:
                 first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                 output = WorkerError(
                     f"CUDA error ({first_line}); the job was not completed and this worker restarts",
-                    code="cuda_error",
+                    code=ErrorCode.CUDA_ERROR,
                     retryable=True,
                     refresh_worker=True,
                 ).to_output()
@@ -95,8 +97,9 @@ class Worker:
 
     # -- the generation path ------------------------------------------------------------------
 
-    def _generate(self, job: Job, progress: Progress, started: float, metrics: dict) -> dict[str, Any]:
+    def _generate(self, job: Job, runpod_id: str, progress: Progress, started: float, metrics: dict) -> dict[str, Any]:
         s = self.settings
+        self.readiness.check_work_dir()
         deadline = time.monotonic() + s.job_timeout_s
         timings: dict[str, float] = {"validating": time.perf_counter() - started}
         warnings: list[str] = [*job.adjustments]
@@ -117,7 +120,8 @@ class Worker:
         if not self.manager.ready(pipeline_name):
             progress.enter("loading")
             t = time.perf_counter()
-            self.manager.pipeline(pipeline_name)
+            with self.readiness.loading(self.manager):
+                self.manager.pipeline(pipeline_name)
             timings["loading"] = time.perf_counter() - t
 
         prompt = job.prompt
@@ -149,7 +153,7 @@ class Worker:
                 raise WorkerError(
                     f"disk full: no space left in WORK_DIR ({s.work_dir or tempfile.gettempdir()}) while writing "
                     f"the {job.kind}; the job was not completed",
-                    code="disk_full",
+                    code=ErrorCode.DISK_FULL,
                     retryable=True,
                 ) from None
             timings["encoding"] = time.perf_counter() - t
@@ -157,15 +161,16 @@ class Worker:
 
             progress.enter("uploading")
             t = time.perf_counter()
+            names = [media.path.name, media.thumbnail_path.name]
+            prefix, conflict = self.storage.job_prefix(job.user_id, job.job_id, runpod_id, names)
+            if conflict:
+                warnings.append(conflict)
             stored, thumb = self.storage.store(
                 [
-                    (media.path, Storage.key(job.user_id, job.job_id, media.path.name), media.content_type),
-                    (
-                        media.thumbnail_path,
-                        Storage.key(job.user_id, job.job_id, media.thumbnail_path.name),
-                        "image/webp",
-                    ),
-                ]
+                    (media.path, f"{prefix}/{names[0]}", media.content_type),
+                    (media.thumbnail_path, f"{prefix}/{names[1]}", "image/webp"),
+                ],
+                owner=runpod_id,
             )
             timings["uploading"] = time.perf_counter() - t
             file_size = media.path.stat().st_size
@@ -240,6 +245,7 @@ class Worker:
             asset=asset.metadata.model_dump(),
         )
         result = JobResult(job_id=job.job_id, assets=[asset], metadata=metadata, warnings=warnings)
+        self.readiness.served()
         return result.model_dump()
 
     def _generate_degrading(
@@ -262,7 +268,7 @@ class Worker:
             self.manager.free_memory()
             raise GenerationFailed(
                 f"out of GPU memory, also after retrying at quality '{lower}'",
-                code="out_of_memory",
+                code=ErrorCode.OUT_OF_MEMORY,
                 retryable=True,
                 refresh_worker=True,
             ) from None
@@ -270,7 +276,7 @@ class Worker:
     def _references(
         self, job: Job, progress: Progress, timings: dict, warnings: list[str], deadline: float
     ) -> tuple[str, dict]:
-        """Fetch and prepare the job's references; fall back to text-to-video, visibly."""
+        """Fetch and prepare the job's references; fall back to text-to-video (or -image), visibly."""
         if not job.references:
             return "none", {}
         progress.enter("fetching_references")
@@ -285,7 +291,8 @@ class Worker:
                     if job.strict_references:
                         raise ReferenceUnavailable(f"reference image unusable: {reason}", field=source.field) from None
                     warnings.append(
-                        f"reference image unusable ({reason}); fell back to text-to-video (reference_mode_applied: none)"
+                        f"reference image unusable ({reason}); fell back to text-to-{job.kind} "
+                        "(reference_mode_applied: none)"
                     )
                     log.warning("reference fallback", extra={"reason": reason})
                     return "none", {}
@@ -393,15 +400,37 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
     return get_worker().handle(job)
 
 
+#: runpod 1.12 runs a synchronous handler's jobs one after another even when it takes several
+#: at once, so a second concurrent job would only wait (and its queue time would be hidden).
+MAX_CONCURRENCY = 1
+
+
 def concurrency_modifier(current: int) -> int:
-    return get_settings().worker_concurrency
+    return min(get_settings().worker_concurrency, MAX_CONCURRENCY)
 
 
 def serverless_config() -> dict[str, Any]:
-    """The ``runpod.serverless.start`` config; loads models first when WARMUP_ON_START is set."""
+    """The ``runpod.serverless.start`` config; loads models first when WARMUP_ON_START is set.
+
+    A warm-up that fails for any reason but a CUDA fault is recorded, and the worker starts
+    anyway (``Readiness``); after a CUDA fault the process exits so RunPod replaces it.
+    """
     worker = get_worker()
+    if worker.settings.worker_concurrency > MAX_CONCURRENCY:
+        log.warning(
+            f"WORKER_CONCURRENCY={worker.settings.worker_concurrency} capped at {MAX_CONCURRENCY}: the RunPod SDK "
+            "runs this synchronous handler's jobs one after another"
+        )
     if worker.settings.warmup_on_start:
         started = time.perf_counter()
-        worker.manager.warm_up(P.DEFAULT_WIDTH, P.DEFAULT_HEIGHT, P.JOB_TYPES["video_fast"].frames)
-        log.info("worker warm", extra={"seconds": round(time.perf_counter() - started, 2)})
+        try:
+            worker.manager.warm_up(P.DEFAULT_WIDTH, P.DEFAULT_HEIGHT, P.JOB_TYPES["video_fast"].frames)
+        except Exception as exc:
+            if cuda_error(exc) or (exc.__cause__ is not None and cuda_error(exc.__cause__)):
+                log.critical("CUDA fault during warm-up; exiting so that RunPod replaces this worker", exc_info=True)
+                raise SystemExit(1) from None
+            worker.readiness.warm_up_failed(exc)
+        else:
+            log.info("worker warm", extra={"seconds": round(time.perf_counter() - started, 2)})
+    worker.readiness.check_start()
     return {"handler": handler, "concurrency_modifier": concurrency_modifier}
