@@ -23,11 +23,13 @@ from .enhance import Enhancer
 from .errors import GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
 from .generate import Conditioning, Generated, Generator, build_conditioning
 from .jobs import Job, build_job
+from .long_video import LongVideo
 from .media import encode
 from .models import ModelManager
 from .progress import Progress, Sender, runpod_sender
 from .references import RESIZE_POLICY, ReferenceFetchError, load_reference, prepare
 from .schema import Asset, AssetMetadata, JobResult, parse_job_input
+from .segments import CostModel
 from .settings import Settings, get_settings
 from .storage import Storage
 
@@ -44,6 +46,8 @@ class Worker:
         self.generator = Generator(self.manager, settings)
         self.enhancer = Enhancer(self.manager, settings)
         self.storage = Storage(settings)
+        self.costs = CostModel(self.manager.device.type, settings.model_profile)
+        self.long_video = LongVideo(self)
         self.started_at = time.time()
         self.jobs_done = 0
 
@@ -97,6 +101,8 @@ class Worker:
         s = self.settings
         deadline = time.monotonic() + s.job_timeout_s
         timings: dict[str, float] = {"validating": time.perf_counter() - started}
+        if self.long_video.applies(job):
+            return self.long_video.run(job, progress, started, metrics, deadline, timings)
         warnings: list[str] = [*job.adjustments]
         if job.ignored_overrides:
             warnings.append("ignored overrides: " + ", ".join(job.ignored_overrides))
@@ -128,6 +134,8 @@ class Worker:
             torch.cuda.reset_peak_memory_stats()
         generated, run_job, degraded = self._generate_degrading(job, prompt, cond, progress, deadline, warnings)
         timings.update(generated.timings)
+        forwards = generated.steps_run * (2 if run_job.guidance_scale > 1.0 else 1)
+        self.costs.record(cond.pipeline, job.width, job.height, job.num_frames, forwards, generated.timings)
         peak_vram = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
 
         with tempfile.TemporaryDirectory(prefix=f"wan-{job.job_id}-", dir=s.work_dir) as tmp:
@@ -316,6 +324,7 @@ class Worker:
             flags.append("slow_generation")
         if asset and asset.get("file_size_bytes", 0) < self.settings.small_file_bytes and job.kind == "video":
             flags.append("small_file")
+        flags.extend(metrics.get("flags", []))  # long videos: seam_jump
         log.info(
             "job finished",
             extra={
