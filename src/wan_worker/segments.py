@@ -14,16 +14,19 @@ context, never less) to land on N exactly.
 Search (``plan_segments``): for n = 2, 3, ... segments, try the first n-1 segments at one
 length L, shortest first, and give the last the remainder R = N - L - (n-2)(L-K):
 its length is the smallest 4k+1 >= R + K, its overlap that length minus R. The first
-(n, L) where the last segment is no longer than L and adds at least ``MIN_NEW_FRAMES``
-wins: the fewest segments, with lengths as even as the 4k+1 grid allows.
+(n, L) where the last segment is no longer than L and adds at least one frame wins: the
+fewest segments, with lengths as even as the 4k+1 grid allows. With L = SEGMENT_FRAMES
+the remainder takes every value in [1, L - K] as n grows, so every N has a plan whenever a
+segment has room for K + 1 frames.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Each segment adds at least this many new frames (a shorter tail is folded into the plan).
-MIN_NEW_FRAMES = 4
+#: Each segment adds at least this many new frames. One is enough for every count to be
+#: reachable: the last segment's remainder then covers every residue.
+MIN_NEW_FRAMES = 1
 
 
 @dataclass(frozen=True)
