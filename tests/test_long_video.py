@@ -2,7 +2,8 @@
 
 Jobs run through ``Worker.handle`` (in process, the real pipelines wrapped to record what
 they receive and return) and through ``handler.py --test_input``. Segments are kept tiny
-(SEGMENT_FRAMES=9, one step, no guidance) so a three-segment job stays cheap on a CPU.
+(SEGMENT_FRAMES=5 with 4 kept frames, one step, no guidance) so that a three-segment job
+stays cheap on a CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from wan_worker.media import to_uint8
 from wan_worker.segments import MIN_NEW_FRAMES, CostModel, plan_segments
 from wan_worker.stitch import SeamMeter, crossfade, match_colour
 
-LONG = {"segment_frames": 9, "single_pass_max_frames": 5, "inline_max_bytes": 50_000_000}
+LONG = {"segment_frames": 5, "single_pass_max_frames": 5, "inline_max_bytes": 50_000_000}
 BASE = {
     "job_type": "video_fast",
     "prompt": "a ball rolls",
@@ -176,37 +177,40 @@ def test_colour_match_and_crossfade_remove_a_colour_jump():
 
 
 def test_three_segments_continue_each_other(worker, calls, tmp_path):
-    """18 frames in segments of 9: kept frames are the previous segment's decoded output."""
+    """7 frames in segments of 5: kept frames are the previous segment's decoded output."""
     recorded, prompts = calls
     progress: list[dict] = []
-    job = {**BASE, "duration_seconds": 1.5, "segment_prompts": ["shot one", "shot two"]}
+    job = {**BASE, "frame_num": 7, "segment_prompts": ["shot one", "shot two"]}
     out = handle(worker, job, progress=progress)
     assert out["status"] == "completed", out
     meta, asset = out["metadata"], out["assets"][0]["metadata"]
-    assert asset["frames"] == 18 and asset["fps"] == 12 and asset["duration_seconds"] == 1.5
+    assert asset["frames"] == 7 and asset["fps"] == 12 and asset["duration_seconds"] == round(7 / 12, 4)
     info = probe_video(video_bytes(out), tmp_path)
-    assert (info.frames, info.fps, info.codec, info.faststart) == (18, 12.0, "h264", True)
+    assert (info.frames, info.fps, info.codec, info.faststart) == (7, 12.0, "h264", True)
 
     assert [c["name"] for c in recorded] == ["WanPipeline", "WanVACEPipeline", "WanVACEPipeline"]
-    assert [c["kwargs"]["num_frames"] for c in recorded] == [9, 9, 9]
+    assert [c["kwargs"]["num_frames"] for c in recorded] == [5, 5, 5]
     assert [(s["frames"], s["kept_frames"], s["pipeline"]) for s in meta["segments"]] == [
-        (9, 0, "t2v"),
-        (9, 4, "vace"),
-        (9, 5, "vace"),
+        (5, 0, "t2v"),
+        (5, 4, "vace"),
+        (5, 4, "vace"),
     ]
     # Segment 2 keeps segment 1's last 4 decoded frames, exactly.
     second = recorded[1]["kwargs"]
     assert kept_frames(second) == [0, 1, 2, 3]
     first_out = to_uint8(recorded[0]["frames"])
     for i in range(4):
-        np.testing.assert_array_equal(np.asarray(second["video"][i]), first_out[5 + i])
-    assert all(is_color(v, (128, 128, 128), 1) for v in second["video"][4:])
-    # Segment 3 keeps segment 2's last 5 frames as stitched: colour-matched to the frames it kept.
+        np.testing.assert_array_equal(np.asarray(second["video"][i]), first_out[1 + i])
+    assert is_color(second["video"][4], (128, 128, 128), 1)
+    # Segment 3 keeps segment 2's last 4 frames as stitched: colour-matched to the frames it
+    # kept, and (3 of them) crossfaded from them.
     third = recorded[2]["kwargs"]
-    assert kept_frames(third) == [0, 1, 2, 3, 4]
-    stitched = to_uint8(match_colour(recorded[1]["frames"].astype(np.float32), first_out[5:]))
-    for i in range(5):
-        np.testing.assert_array_equal(np.asarray(third["video"][i]), stitched[4 + i])
+    assert kept_frames(third) == [0, 1, 2, 3]
+    stitched = match_colour(recorded[1]["frames"].astype(np.float32), first_out[1:])
+    stitched[:4] = crossfade(first_out[1:], stitched[:4])
+    stitched = to_uint8(stitched)
+    for i in range(4):
+        np.testing.assert_array_equal(np.asarray(third["video"][i]), stitched[1 + i])
 
     # Storyboard: segment prompts in order, the main prompt where none is given.
     assert prompts == ["shot one", "shot two", "a ball rolls"]
@@ -215,9 +219,9 @@ def test_three_segments_continue_each_other(worker, calls, tmp_path):
     ]
     assert [s["seed"] for s in meta["segments"]] == [3, 4, 5]
     assert all({"denoising", "vae_decode", "stitching"} <= set(s["timings"]) for s in meta["segments"])
-    assert [s["frame"] for s in meta["seams"]] == [5, 10]
+    assert [s["frame"] for s in meta["seams"]] == [1, 2]
     assert meta["max_seam_ratio"] == max(s["ratio"] for s in meta["seams"])
-    assert meta["frames_requested"] == 18 and meta["overlap_frames"] == 4
+    assert meta["frames_requested"] == 7 and meta["overlap_frames"] == 4
 
     steps = [p for p in progress if p.get("step")]
     assert {p["segment"] for p in steps} == {1, 2, 3} and {p["segments"] for p in steps} == {3}
@@ -228,13 +232,13 @@ def test_three_segments_continue_each_other(worker, calls, tmp_path):
 @pytest.mark.parametrize(
     "mode, fields, kept_first, kept_last",
     [
-        ("both", {"first_frame": RED, "last_frame": BLUE}, [0], [0, 1, 2, 3, 4, 8]),
-        ("single", {"reference_image_url": RED}, None, [0, 1, 2, 3, 4]),
+        ("both", {"first_frame": RED, "last_frame": BLUE}, [0], [0, 1, 2, 3, 4]),
+        ("single", {"reference_image_url": RED}, None, [0, 1, 2, 3]),
     ],
 )
 def test_references_apply_to_the_right_segments(worker, calls, mode, fields, kept_first, kept_last):
     recorded, _ = calls
-    job = {**BASE, "frame_num": 13, **{k: png_data_uri((64, 64), v) for k, v in fields.items()}}
+    job = {**BASE, "frame_num": 6, **{k: png_data_uri((64, 64), v) for k, v in fields.items()}}
     out = handle(worker, job)
     assert out["status"] == "completed", out
     assert out["assets"][0]["metadata"]["reference_mode_applied"] == mode
@@ -267,21 +271,24 @@ def test_segment_pipelines_per_reference_mode(mode, count, expected):
 def test_start_and_end_condition_only_their_segment(worker):
     from PIL import Image
 
-    job = worker.long_video
     from wan_worker.jobs import build_job
     from wan_worker.schema import parse_job_input
 
-    j = build_job(parse_job_input({**BASE, "frame_num": 18}), "j")
-    plan = job.plan(j)
+    job = build_job(parse_job_input({**BASE, "frame_num": 18}), "j")
+    plan = plan_segments(18, 4, 9)  # 9 frames, then 9 keeping 4, then 9 keeping 5
     images = {"start": Image.new("RGB", (256, 256), RED), "end": Image.new("RGB", (256, 256), BLUE)}
     held = np.zeros((5, 256, 256, 3), np.uint8)
     for mode, kept in (
         ("start", [[0], [0, 1, 2, 3], [0, 1, 2, 3, 4]]),
         ("end", [None, [0, 1, 2, 3], [0, 1, 2, 3, 4, 8]]),
     ):
-        conds = [job._conditioning(j, seg, 3, mode, images, held) for seg in plan]
+        conds = [worker.long_video._conditioning(job, seg, 3, mode, images, held) for seg in plan]
         assert [kept_frames(c.kwargs) if "mask" in c.kwargs else None for c in conds] == kept
         assert conds[0].pipeline == ("vace" if mode == "start" else "t2v")
+        assert is_color(
+            conds[0 if mode == "start" else 2].kwargs["video"][0 if mode == "start" else -1],
+            RED if mode == "start" else BLUE,
+        )
 
 
 def test_too_long_for_job_timeout_fails_up_front(tiny_models, calls):
@@ -306,14 +313,14 @@ def test_too_long_for_job_timeout_fails_up_front(tiny_models, calls):
         ({"overlap_frames": 3}, "overlap_frames"),
         ({"overlap_frames": 41}, "overlap_frames"),
         ({"overlap_frames": 4.0}, "overlap_frames"),
-        ({"frame_num": 13, "overlap_frames": 9}, "overlap_frames"),  # no room in 9-frame segments
+        ({"frame_num": 13, "overlap_frames": 5}, "overlap_frames"),  # no room in 5-frame segments
         ({"frame_num": 722}, "frame_num"),  # > 60 s at 12 fps
-        ({"frame_num": 13, "segment_prompts": ["a", "b", "c"]}, "segment_prompts"),
+        ({"frame_num": 6, "segment_prompts": ["a", "b", "c"]}, "segment_prompts"),
         ({"segment_prompts": "a"}, "segment_prompts"),
         ({"segment_prompts": [1]}, "segment_prompts.0"),
         ({"segment_prompts": [" "]}, "segment_prompts"),
         ({"job_type": "image_fast", "duration_seconds": 5}, "duration_seconds"),
-        ({"job_type": "image_fast", "segment_prompts": ["a"]}, "segment_prompts"),
+        ({"job_type": "image_fast", "overlap_frames": None, "segment_prompts": ["a"]}, "segment_prompts"),
     ],
 )
 def test_bad_long_video_input_names_the_field(worker, calls, change, field):
@@ -329,13 +336,13 @@ def test_worker_serves_a_single_pass_job_after_bad_input(worker):
 
 
 def test_long_video_through_test_input(tiny_models, tmp_path):
-    """``handler.py --test_input``: a three-segment clip of exactly the asked duration."""
+    """``handler.py --test_input``: a two-segment clip of exactly the asked duration."""
     env = worker_env(tiny_models, SEGMENT_FRAMES="9", SINGLE_PASS_MAX_FRAMES="5", WARMUP_ON_START="0")
-    code, out, logs = run_test_input({**BASE, "duration_seconds": 1.5}, env)
+    code, out, logs = run_test_input({**BASE, "duration_seconds": 1}, env)
     assert code == 0, logs[-3000:]
     meta = out["assets"][0]["metadata"]
-    assert (meta["frames"], meta["fps"], meta["duration_seconds"]) == (18, 12, 1.5)
-    assert len(out["metadata"]["segments"]) == 3
+    assert (meta["frames"], meta["fps"], meta["duration_seconds"]) == (12, 12, 1.0)
+    assert [(s["frames"], s["kept_frames"]) for s in out["metadata"]["segments"]] == [(9, 0), (9, 6)]
     info = probe_video(video_bytes(out), tmp_path)
-    assert (info.frames, info.fps) == (18, 12.0)
+    assert (info.frames, info.fps) == (12, 12.0)
     assert "job_metrics" in logs

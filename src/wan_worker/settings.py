@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(default=900.0, gt=0)
     #: Long videos (long_video.py): frames per VACE-continued segment (4k+1), and the longest
     #: clip still made in one pass (longer ones are made in segments).
-    segment_frames: int = Field(default=81, ge=9, le=121)
+    segment_frames: int = Field(default=81, ge=5, le=121)
     single_pass_max_frames: int = Field(default=121, ge=5, le=121)
     worker_concurrency: int = Field(default=1, ge=1, le=16)
     work_dir: Path | None = None
