@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 from conftest import handle, png_data_uri, run_test_input, tiny_worker, worker_env
 from diffusers import WanPipeline, WanVACEPipeline
 from mediacheck import probe_video
@@ -335,14 +336,15 @@ def test_worker_serves_a_single_pass_job_after_bad_input(worker):
     assert out["status"] == "completed" and "segments" not in out["metadata"]
 
 
-def test_long_video_through_test_input(tiny_models, tmp_path):
-    """``handler.py --test_input``: a two-segment clip of exactly the asked duration."""
-    env = worker_env(tiny_models, SEGMENT_FRAMES="9", SINGLE_PASS_MAX_FRAMES="5", WARMUP_ON_START="0")
+def test_long_video_through_test_input(tiny_models, s3, tmp_path):
+    """``handler.py --test_input``: a two-segment clip of exactly the asked duration, in the bucket."""
+    env = worker_env(tiny_models, SEGMENT_FRAMES="9", SINGLE_PASS_MAX_FRAMES="5", WARMUP_ON_START="0", **s3.env())
     code, out, logs = run_test_input({**BASE, "duration_seconds": 1}, env)
     assert code == 0, logs[-3000:]
-    meta = out["assets"][0]["metadata"]
+    asset = out["assets"][0]
+    meta = asset["metadata"]
     assert (meta["frames"], meta["fps"], meta["duration_seconds"]) == (12, 12, 1.0)
     assert [(s["frames"], s["kept_frames"]) for s in out["metadata"]["segments"]] == [(9, 0), (9, 6)]
-    info = probe_video(video_bytes(out), tmp_path)
-    assert (info.frames, info.fps) == (12, 12.0)
+    info = probe_video(requests.get(asset["url"], timeout=30).content, tmp_path)
+    assert (info.frames, info.fps, info.faststart) == (12, 12.0, True)
     assert "job_metrics" in logs
