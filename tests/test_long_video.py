@@ -177,8 +177,9 @@ def test_colour_match_and_crossfade_remove_a_colour_jump():
 # -- jobs --------------------------------------------------------------------------------------
 
 
-def test_three_segments_continue_each_other(worker, calls, tmp_path):
+def test_three_segments_continue_each_other(worker, calls, tmp_path, captured_logs, monkeypatch):
     """7 frames in segments of 5: kept frames are the previous segment's decoded output."""
+    monkeypatch.setattr("wan_worker.long_video.SEAM_JUMP_RATIO", 0.0)  # any seam counts: the flag's plumbing
     recorded, prompts = calls
     progress: list[dict] = []
     job = {**BASE, "frame_num": 7, "segment_prompts": ["shot one", "shot two"]}
@@ -223,6 +224,9 @@ def test_three_segments_continue_each_other(worker, calls, tmp_path):
     assert [s["frame"] for s in meta["seams"]] == [1, 2]
     assert meta["max_seam_ratio"] == max(s["ratio"] for s in meta["seams"])
     assert meta["frames_requested"] == 7 and meta["overlap_frames"] == 4
+
+    (line,) = captured_logs.events("job_metrics")
+    assert "seam_jump" in line["flags"]
 
     steps = [p for p in progress if p.get("step")]
     assert {p["segment"] for p in steps} == {1, 2, 3} and {p["segments"] for p in steps} == {3}
