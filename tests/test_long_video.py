@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import requests
+import torch
 from conftest import handle, png_data_uri, run_test_input, tiny_worker, worker_env
 from diffusers import WanPipeline, WanVACEPipeline
 from mediacheck import probe_video
@@ -352,3 +353,22 @@ def test_long_video_through_test_input(tiny_models, s3, tmp_path):
     info = probe_video(requests.get(asset["url"], timeout=30).content, tmp_path)
     assert (info.frames, info.fps, info.faststart) == (12, 12.0, True)
     assert "job_metrics" in logs
+
+
+def test_out_of_memory_in_a_later_segment_fails_cleanly(tiny_models, tmp_path):
+    """Segment 1 runs, segment 2 (VACE) runs out of memory: a clean failure, no temp files."""
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    worker = tiny_worker(tiny_models, work_dir=work_dir, **LONG)
+
+    def oom(module, args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    hook = worker.manager.pipeline("vace").transformer.register_forward_pre_hook(oom)
+    try:
+        out = handle(worker, {**BASE, "frame_num": 6})
+    finally:
+        hook.remove()
+    assert out["error_code"] == "out_of_memory" and out["retryable"] is True and out["refresh_worker"] is True
+    assert "segment 2" in out["error"] and "assets" not in out
+    assert list(work_dir.iterdir()) == []
