@@ -134,7 +134,7 @@ URLS = st.one_of(st.sampled_from(BAD_REFERENCES + ["http://127.0.0.1:9/cb", "htt
 COST_KEYS = {
     "width": [256, 272, 250, 1296],
     "height": [256, 272, 250, 1296],
-    "frame_num": [1, 2, 5, 9, 0, 122],
+    "frame_num": [1, 2, 5, 9, 0, 1442],
 }
 CONFIG_COST_KEYS = {
     "num_inference_steps": [1, 2, 3, 0, 101],
@@ -142,7 +142,7 @@ CONFIG_COST_KEYS = {
     "size": ["256*256", "272x256", "256*", "0*0", "99999*256", "²*²"],
     "width": [256, 250],
     "height": [256, 1296],
-    "frame_num": [1, 5, 0, 122],
+    "frame_num": [1, 5, 0, 1442],
 }
 
 

@@ -16,6 +16,7 @@ class ErrorCode(StrEnum):
     STORAGE_ERROR = "storage_error"
     STORAGE_NOT_CONFIGURED = "storage_not_configured"
     JOB_TIMEOUT = "job_timeout"
+    JOB_TOO_LONG = "job_too_long"
     OUT_OF_MEMORY = "out_of_memory"
     CUDA_ERROR = "cuda_error"
     DISK_FULL = "disk_full"

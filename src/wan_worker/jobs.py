@@ -75,6 +75,13 @@ class Job:
     loras: tuple[LoraRequest, ...] = ()
     #: Where steps, guidance_scale, flow_shift and sampler came from (a LoRA sidecar may set them).
     sampling_sources: dict[str, str] = field(default_factory=dict)
+    #: Long videos (long_video.py): the exact frame count asked for (``num_frames`` is that
+    #: count snapped for one pass), the field it came from, and the storyboard.
+    requested_frames: int = 1
+    length_field: str = "frame_num"
+    frames_adjustment: str | None = None
+    overlap_frames: int = P.DEFAULT_OVERLAP
+    segment_prompts: list[str] = field(default_factory=list)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -113,19 +120,26 @@ def build_job(inp: JobInput, job_id: str, default_quality: P.Quality | None = No
 
     width, height = _size(inp, adjustments)
 
-    if preset.kind == "image":
-        frames = 1
-        for value, name in ((inp.frame_num, "frame_num"), (cfg.frame_num, "config.frame_num")):
-            if value is not None and value != 1:
-                ignored.append(f"{name} (image job types make one frame)")
-    else:
-        requested, name = _first((inp.frame_num, "frame_num"), (cfg.frame_num, "config.frame_num"))
-        requested = preset.frames if requested is None else requested
-        frames = P.nearest_valid_frames(int(requested))
-        if frames != requested:
-            adjustments.append(f"{name}: {requested} -> {frames} (Wan needs 4k+1 frames)")
-
     fps_value, _ = _first((inp.fps, "fps"), (cfg.fps, "config.fps"))
+    fps = int(fps_value or P.DEFAULT_FPS)
+    frames_adjustment = None
+    if preset.kind == "image":
+        _refuse_long_fields(inp)
+        frames = requested = 1
+        name = "frame_num"
+        for value, field_name in ((inp.frame_num, "frame_num"), (cfg.frame_num, "config.frame_num")):
+            if value is not None and value != 1:
+                ignored.append(f"{field_name} (image job types make one frame)")
+    else:
+        requested, name = _requested_frames(inp, fps, adjustments)
+        frames = requested
+        if requested <= P.FRAMES_MAX:  # one pass: Wan's 4k+1 grid
+            frames = P.nearest_valid_frames(requested)
+            if frames != requested:
+                given = f"{requested}" if inp.duration_seconds is None else f"{inp.duration_seconds:g} s = {requested}"
+                frames_adjustment = f"{name}: {given} -> {frames} (Wan needs 4k+1 frames)"
+                adjustments.append(frames_adjustment)
+
     seed_value, _ = _first((inp.seed, "seed"), (cfg.seed, "config.seed"))
     if seed_value is None or seed_value == -1:
         seed, seed_source = secrets.randbelow(P.SEED_MAX + 1), "random"
@@ -149,7 +163,7 @@ def build_job(inp: JobInput, job_id: str, default_quality: P.Quality | None = No
         width=width,
         height=height,
         num_frames=frames,
-        fps=int(fps_value or P.DEFAULT_FPS),
+        fps=fps,
         quality=quality,
         steps=cfg.num_inference_steps or qp.steps,
         guidance_scale=cfg.guidance_scale if cfg.guidance_scale is not None else qp.guidance_scale,
@@ -175,6 +189,11 @@ def build_job(inp: JobInput, job_id: str, default_quality: P.Quality | None = No
             "flow_shift": "config.sample_shift" if cfg.sample_shift is not None else "default",
             "sampler": "default",
         },
+        requested_frames=requested,
+        length_field=name,
+        frames_adjustment=frames_adjustment,
+        overlap_frames=inp.overlap_frames or P.DEFAULT_OVERLAP,
+        segment_prompts=list(inp.segment_prompts or []),
     )
     _apply_strength_policy(job)
     if quality == "turbo":
@@ -254,6 +273,32 @@ def _loras(inp: JobInput) -> tuple[LoraRequest, ...]:
     """The front-end ``loras`` list, else ``config.loras`` (the usual precedence)."""
     specs, where = (inp.loras, "loras") if inp.loras is not None else (inp.config.loras, "config.loras")
     return tuple(LoraRequest(s.name, float(s.scale), f"{where}[{i}]") for i, s in enumerate(specs or ()))
+
+
+def _requested_frames(inp: JobInput, fps: int, adjustments: list[str]) -> tuple[int, str]:
+    """The frame count asked for, exact. ``duration_seconds`` wins over ``frame_num``.
+
+    A duration becomes ``round(duration * fps)`` frames, so the clip lasts that long; a
+    count above the single-pass limit is kept exact (the segment plan makes it exact), a
+    count within it is snapped to 4k+1 by the caller, as ``frame_num`` always was.
+    """
+    frames, name = _first((inp.frame_num, "frame_num"), (inp.config.frame_num, "config.frame_num"))
+    if inp.duration_seconds is not None:
+        if frames is not None:
+            adjustments.append(f"{name} {frames} ignored: duration_seconds {inp.duration_seconds:g} wins")
+        return max(1, int(inp.duration_seconds * fps + 0.5)), "duration_seconds"
+    if frames is None:
+        return P.JOB_TYPES[inp.job_type].frames, "frame_num"
+    if frames > fps * 60 + 1:
+        raise InvalidInput(f"{name}: at most {fps * 60 + 1} frames (60 s at {fps} fps)", field=name)
+    return int(frames), name
+
+
+def _refuse_long_fields(inp: JobInput) -> None:
+    """Long videos and storyboards are video-only: an image job must not drop them silently."""
+    for name in ("duration_seconds", "overlap_frames", "segment_prompts"):
+        if getattr(inp, name) is not None:
+            raise InvalidInput(f"{name}: only video job types make long videos", field=name)
 
 
 def _size(inp: JobInput, adjustments: list[str]) -> tuple[int, int]:

@@ -49,11 +49,11 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
+def _video_writer(path: Path, fps: int):
     """H.264 in yuv420p with the moov atom first, so browsers start playing before the end."""
     import imageio.v2 as imageio
 
-    with imageio.get_writer(
+    return imageio.get_writer(
         path,
         fps=fps,
         codec="libx264",
@@ -62,10 +62,40 @@ def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
         macro_block_size=16,
         ffmpeg_log_level="error",
         output_params=["-crf", str(X264_CRF), "-preset", X264_PRESET, "-movflags", "+faststart"],
-    ) as writer:
+    )
+
+
+def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
+    with _video_writer(path, fps) as writer:
         for frame in frames:
             writer.append_data(to_uint8(frame))  # converted while ffmpeg encodes the last one
     check_mp4(path)
+
+
+class VideoStream:
+    """An MP4 written piece by piece: a long video appends each segment once it is decoded,
+    so host memory holds one segment, never the clip. ``close`` finishes and checks it."""
+
+    def __init__(self, path: Path, fps: int) -> None:
+        self.path = path
+        self.frames = 0
+        self._writer = _video_writer(path, fps)
+
+    def append(self, frames: np.ndarray) -> None:
+        for frame in frames:
+            self._writer.append_data(to_uint8(frame))
+            self.frames += 1
+
+    def close(self) -> None:
+        self._writer.close()
+        check_mp4(self.path)
+
+    def abort(self) -> None:
+        """Stop ffmpeg after a failure; the partial file is the caller's to delete."""
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the job has already failed for a better reason
+            pass
 
 
 def check_mp4(path: Path) -> None:

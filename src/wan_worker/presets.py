@@ -68,7 +68,12 @@ JOB_TYPES: dict[str, JobTypePreset] = {
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 480, 832
 SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 256, 1280, 16
 DEFAULT_FPS, FPS_MIN, FPS_MAX = 16, 12, 24
-FRAMES_MIN, FRAMES_MAX = 1, 121
+FRAMES_MIN, FRAMES_MAX = 1, 121  # FRAMES_MAX: the single-pass limit
+#: Long videos (made in VACE-continued segments, long_video.py): at most a minute.
+DURATION_MIN_S, DURATION_MAX_S = 1.0, 60.0
+LONG_FRAMES_MAX = FPS_MAX * 60 + 1  # the schema's bound; the job's own is fps * 60 + 1
+OVERLAP_MIN, OVERLAP_MAX, DEFAULT_OVERLAP = 4, 40, 16
+SEGMENT_PROMPTS_MAX = 64
 STEPS_MIN, STEPS_MAX = 1, 100
 GUIDANCE_MIN, GUIDANCE_MAX = 1.0, 20.0
 SHIFT_MIN, SHIFT_MAX = 0.5, 20.0

@@ -55,11 +55,19 @@ class Progress:
         self._stage_started = clock()
         self.stage = "validating"
         self.sent: list[dict[str, Any]] = []
+        self._segment: dict[str, Any] | None = None
 
     def enter(self, stage: str, **extra: Any) -> None:
         self.stage = stage
         self._stage_started = self._clock()
         self._emit({"stage": stage, "percentage": STAGES[stage][0], **extra})
+
+    def segment(self, index: int, count: int, *, done: float, share: float, later_seconds: float) -> None:
+        """Enter segment ``index`` (0-based) of a long video. Its steps span ``share`` of the
+        generating slice after the fraction ``done``; ``later_seconds`` estimates the work
+        after this segment, so each step also reports the whole job's ETA."""
+        self._segment = {"index": index, "count": count, "done": done, "share": share, "later": later_seconds}
+        self._stage_started = self._clock()
 
     def step(self, current: int, total: int) -> None:
         now = self._clock()
@@ -68,15 +76,24 @@ class Progress:
         lo, hi = STAGES["generating"]
         elapsed = now - self._stage_started
         eta = elapsed / current * (total - current) if current else None
-        self._emit(
-            {
-                "stage": "generating",
-                "percentage": round(lo + (hi - lo) * current / max(total, 1), 1),
-                "step": current,
-                "total_steps": total,
-                "eta_seconds": round(eta, 1) if eta is not None else None,
-            }
-        )
+        seg = self._segment
+        share = (hi - lo) * current / max(total, 1)
+        if seg:
+            share = (hi - lo) * (seg["done"] + seg["share"] * current / max(total, 1))
+        payload = {
+            "stage": "generating",
+            "percentage": round(lo + share, 1),
+            "step": current,
+            "total_steps": total,
+            "eta_seconds": round(eta, 1) if eta is not None else None,
+        }
+        if seg:
+            payload.update(
+                segment=seg["index"] + 1,
+                segments=seg["count"],
+                job_eta_seconds=round((eta or 0.0) + seg["later"], 1),
+            )
+        self._emit(payload)
 
     def _emit(self, payload: dict[str, Any]) -> None:
         self._last_sent = self._clock()

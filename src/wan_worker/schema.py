@@ -94,7 +94,7 @@ class JobConfig(BaseModel):
     seed: int | None = Field(default=None, ge=-1, le=P.SEED_MAX)
     quality: P.Quality | None = None
     sample_shift: float | None = Field(default=None, ge=P.SHIFT_MIN, le=P.SHIFT_MAX, allow_inf_nan=False)
-    frame_num: int | None = Field(default=None, ge=P.FRAMES_MIN, le=P.FRAMES_MAX)
+    frame_num: int | None = Field(default=None, ge=P.FRAMES_MIN, le=P.LONG_FRAMES_MAX)
     fps: int | None = Field(default=None, ge=P.FPS_MIN, le=P.FPS_MAX)
     size: str | None = Field(default=None, max_length=16, description="'WIDTH*HEIGHT', e.g. '480*832'")
     width: int | None = Size
@@ -153,8 +153,13 @@ class JobInput(BaseModel):
     negative_prompt: str | None = Field(default=None, max_length=P.PROMPT_MAX_CHARS)
     width: int | None = Size
     height: int | None = Size
-    frame_num: int | None = Field(default=None, ge=P.FRAMES_MIN, le=P.FRAMES_MAX)
+    frame_num: int | None = Field(default=None, ge=P.FRAMES_MIN, le=P.LONG_FRAMES_MAX)
     fps: int | None = Field(default=None, ge=P.FPS_MIN, le=P.FPS_MAX)
+    duration_seconds: float | None = Field(
+        default=None, ge=P.DURATION_MIN_S, le=P.DURATION_MAX_S, allow_inf_nan=False, description="wins over frame_num"
+    )
+    overlap_frames: int | None = Field(default=None, ge=P.OVERLAP_MIN, le=P.OVERLAP_MAX)
+    segment_prompts: list[str] | None = Field(default=None, max_length=P.SEGMENT_PROMPTS_MAX)
     quality: P.Quality | None = None
     seed: int | None = Field(default=None, ge=-1, le=P.SEED_MAX, description="-1 or absent: random")
     enhance_prompt: bool | None = None
@@ -190,6 +195,18 @@ class JobInput(BaseModel):
             if not self.prompt.strip():
                 raise ValueError("prompt: must not be empty")
         return self
+
+    @field_validator("segment_prompts")
+    @classmethod
+    def _segment_prompts(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for i, prompt in enumerate(value):
+            if not prompt.strip():
+                raise ValueError(f"entry {i} must not be empty")
+            if len(prompt) > P.PROMPT_MAX_CHARS:
+                raise ValueError(f"entry {i} is longer than {P.PROMPT_MAX_CHARS} characters")
+        return [p.strip() for p in value]
 
     @property
     def ignored_fields(self) -> list[str]:

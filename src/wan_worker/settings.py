@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     #: The quality of jobs that give none; when set it wins over the job type's preset quality.
     default_quality: Quality | None = None
     job_timeout_s: float = Field(default=900.0, gt=0)
+    #: Long videos (long_video.py): frames per VACE-continued segment (4k+1), and the longest
+    #: clip still made in one pass (longer ones are made in segments).
+    segment_frames: int = Field(default=81, ge=5, le=121)
+    single_pass_max_frames: int = Field(default=121, ge=5, le=121)
     worker_concurrency: int = Field(default=1, ge=1, le=16)
     work_dir: Path | None = None
     callback_url: str | None = None
@@ -118,6 +122,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("segment_frames")
+    @classmethod
+    def _four_k_plus_one(cls, value: int) -> int:
+        if value % 4 != 1:
+            raise ValueError("SEGMENT_FRAMES must be 4k+1 (Wan's VAE compresses time 4x)")
+        return value
 
     @property
     def bucket_configured(self) -> bool:

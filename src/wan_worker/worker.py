@@ -23,14 +23,16 @@ from .enhance import Enhancer
 from .errors import ErrorCode, GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
 from .generate import Conditioning, Generated, Generator, build_conditioning, model_pipeline
 from .jobs import Job, build_job
-from .media import encode
+from .long_video import LongVideo
+from .media import EncodedMedia, encode
 from .models import ModelManager
 from .progress import Progress, Sender, runpod_sender
 from .readiness import Readiness
 from .references import RESIZE_POLICY, ReferenceFetchError, load_reference, prepare
 from .schema import Asset, AssetMetadata, JobResult, parse_job_input
+from .segments import CostModel
 from .settings import Settings, get_settings
-from .storage import Storage
+from .storage import Storage, StoredObject
 
 log = logging.getLogger("wan_worker")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -46,6 +48,8 @@ class Worker:
         self.enhancer = Enhancer(self.manager, settings)
         self.storage = Storage(settings)
         self.readiness = Readiness(settings)
+        self.costs = CostModel(self.manager.device.type, settings.model_profile)
+        self.long_video = LongVideo(self)
         self.started_at = time.time()
         self.jobs_done = 0
 
@@ -102,6 +106,8 @@ class Worker:
         self.readiness.check_work_dir()
         deadline = time.monotonic() + s.job_timeout_s
         timings: dict[str, float] = {"validating": time.perf_counter() - started}
+        if self.long_video.applies(job):
+            return self.long_video.run(job, runpod_id, progress, started, metrics, deadline, timings)
         warnings: list[str] = [*job.adjustments]
         if job.ignored_overrides:
             warnings.append("ignored overrides: " + ", ".join(job.ignored_overrides))
@@ -140,6 +146,8 @@ class Worker:
             torch.cuda.reset_peak_memory_stats()
         generated, run_job, degraded = self._generate_degrading(job, prompt, cond, progress, deadline, warnings)
         timings.update(generated.timings)
+        forwards = generated.steps_run * (2 if run_job.guidance_scale > 1.0 else 1)
+        self.costs.record(cond.pipeline, job.width, job.height, job.num_frames, forwards, generated.timings)
         peak_vram = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
 
         with tempfile.TemporaryDirectory(prefix=f"wan-{job.job_id}-", dir=s.work_dir) as tmp:
@@ -161,17 +169,7 @@ class Worker:
 
             progress.enter("uploading")
             t = time.perf_counter()
-            names = [media.path.name, media.thumbnail_path.name]
-            prefix, conflict = self.storage.job_prefix(job.user_id, job.job_id, runpod_id, names)
-            if conflict:
-                warnings.append(conflict)
-            stored, thumb = self.storage.store(
-                [
-                    (media.path, f"{prefix}/{names[0]}", media.content_type),
-                    (media.thumbnail_path, f"{prefix}/{names[1]}", "image/webp"),
-                ],
-                owner=runpod_id,
-            )
+            stored, thumb = self.store(job, runpod_id, media, warnings)
             timings["uploading"] = time.perf_counter() - t
             file_size = media.path.stat().st_size
 
@@ -247,6 +245,20 @@ class Worker:
         result = JobResult(job_id=job.job_id, assets=[asset], metadata=metadata, warnings=warnings)
         self.readiness.served()
         return result.model_dump()
+
+    def store(self, job: Job, runpod_id: str, media: EncodedMedia, warnings: list[str]) -> list[StoredObject]:
+        """Upload the asset and its thumbnail under this RunPod job's key prefix."""
+        names = [media.path.name, media.thumbnail_path.name]
+        prefix, conflict = self.storage.job_prefix(job.user_id, job.job_id, runpod_id, names)
+        if conflict:
+            warnings.append(conflict)
+        return self.storage.store(
+            [
+                (media.path, f"{prefix}/{names[0]}", media.content_type),
+                (media.thumbnail_path, f"{prefix}/{names[1]}", "image/webp"),
+            ],
+            owner=runpod_id,
+        )
 
     def _generate_degrading(
         self, job: Job, prompt: str, cond: Conditioning, progress: Progress, deadline: float, warnings: list[str]
@@ -338,6 +350,7 @@ class Worker:
             flags.append("slow_generation")
         if asset and asset.get("file_size_bytes", 0) < self.settings.small_file_bytes and job.kind == "video":
             flags.append("small_file")
+        flags.extend(metrics.get("flags", []))  # long videos: seam_jump
         log.info(
             "job finished",
             extra={
