@@ -27,6 +27,8 @@ from conftest import SMALL_IMAGE, SMALL_VIDEO, png_data_uri, tiny_worker
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
+from wan_worker.errors import ErrorCode
+
 COMMON = dict(
     deadline=None,
     database=None,
@@ -57,18 +59,7 @@ JOB_TYPES = [
     "video7b_high_enhanced",
 ]
 MODES = ["none", "single", "start", "end", "both"]
-ERROR_CODES = {
-    "invalid_input",
-    "reference_unavailable",
-    "model_unavailable",
-    "storage_error",
-    "storage_not_configured",
-    "job_timeout",
-    "generation_failed",
-    "out_of_memory",
-    "cuda_error",
-    "disk_full",
-}
+ERROR_CODES = {code.value for code in ErrorCode} - {ErrorCode.INTERNAL_ERROR}
 PER_JOB_LIMIT_S = 90  # a "hang" is anything slower than this, for jobs this small
 
 # ---------------------------------------------------------------------------------------------
