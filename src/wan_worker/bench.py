@@ -246,6 +246,12 @@ def versions() -> dict[str, Any]:
         out["ffmpeg"] = imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as exc:  # noqa: BLE001
         out["ffmpeg"] = f"missing: {exc}"
+    from . import stack
+
+    shipped = stack.shipped_stack()
+    comparison = stack.compare(shipped, stack.installed_versions())
+    out["stack"] = {"shipped": shipped, "found": stack.installed_versions(), **comparison}
+    out["as_shipped"] = comparison["as_shipped"]
     return out
 
 
