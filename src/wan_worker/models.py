@@ -200,8 +200,11 @@ class ModelManager:
     def warm_up(self, width: int, height: int, frames: int) -> None:
         """Load WAN (and Qwen with WARMUP_QWEN) and compile for the default video shape now,
         so the first job doesn't pay for it (WARMUP_ON_START)."""
-        from .accel import warm_transformer, warm_vae
+        from .accel import load_compile_artifacts, save_compile_artifacts, warm_transformer, warm_vae
 
+        compiles = self.device.type == "cuda" and (self.settings.compile_transformer or self.settings.compile_vae)
+        if compiles:
+            load_compile_artifacts(self.settings)  # before anything compiles
         pipe = self.pipeline("t2v")
         if self.settings.compile_transformer and self.device.type == "cuda":
             self.acquire(["transformer"], working_bytes=estimate_working_bytes(width, height, frames))
@@ -209,6 +212,8 @@ class ModelManager:
         if self.settings.compile_vae and self.device.type == "cuda":
             self.acquire(["vae"], working_bytes=estimate_working_bytes(width, height, 5))
             warm_vae(pipe.vae, height, width)
+        if compiles:
+            save_compile_artifacts(self.settings)
         if self.settings.warmup_qwen:
             self.qwen()
 
