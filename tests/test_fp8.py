@@ -172,3 +172,16 @@ def test_compile_artifacts_are_skipped_without_cuda(tmp_path, tiny_models, preci
     assert accel.compile_artifacts_path(settings) is None
     assert accel.load_compile_artifacts(settings) == {"loaded": False}
     assert list(tmp_path.iterdir()) == []
+
+
+def test_step_cache_works_with_the_fp8_processor():
+    model, inputs = small_wan()
+    calls: list = []
+    fp8.enable_fp8_attention(model, reference_flash_attn_func(calls))
+    with torch.inference_mode(), accel.step_cache(model, 0.08), model.cache_context("cond"):
+        first = model(**inputs)[0]
+        full = len(calls)
+        second = model(**inputs)[0]  # same input: the first block's output is unchanged
+    assert full == 2
+    assert len(calls) == full + 1  # only the first block ran; the rest came from the cache
+    torch.testing.assert_close(second, first)

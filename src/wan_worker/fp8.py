@@ -141,8 +141,11 @@ class FP8SelfAttnProcessor:
     _parallel_config = None
 
     def __init__(self, flash_attn_func: Callable, original: Any) -> None:
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
         self.flash_attn_func = flash_attn_func
         self.original = original
+        self.qkv_projections = _get_qkv_projections  # separate or fused QKV, as diffusers does it
 
     def __call__(
         self,
@@ -154,9 +157,7 @@ class FP8SelfAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = self.qkv_projections(attn, hidden_states, None)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:

@@ -212,10 +212,10 @@ class ModelManager:
         if self.settings.compile_vae and self.device.type == "cuda":
             self.acquire(["vae"], working_bytes=estimate_working_bytes(width, height, 5))
             warm_vae(pipe.vae, height, width)
-        if compiles:
-            save_compile_artifacts(self.settings)
         if self.settings.warmup_qwen:
             self.qwen()
+        if compiles:
+            save_compile_artifacts(self.settings)  # everything compiled so far, Qwen's decode included
 
     def ready(self, name: str) -> bool:
         return ("t2v_denoise" if name == "t2v" else name) in self._pipes
