@@ -104,3 +104,24 @@ def test_image_dependencies_resolve_for_the_image_platform():
     for name, version in stack.shipped_stack().items():
         if name not in ("python", "cuda"):
             assert resolved.get(name) == version, name
+
+
+def test_precision_setting_agrees_in_settings_readme_deploy_and_hub():
+    import json
+    import typing
+
+    from wan_worker.settings import Settings
+
+    field = Settings.model_fields["precision"]
+    choices = set(typing.get_args(field.annotation))
+    assert field.default == "bf16" and choices == {"bf16", "fp8"}
+    hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+    (entry,) = [e for e in hub["config"]["env"] if e["key"] == "PRECISION"]
+    assert entry["input"]["default"] == field.default
+    assert {o["value"] for o in entry["input"]["options"]} == choices
+    readme_row = re.search(r"^\| `PRECISION` \| `(\w+)` \|", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert readme_row and readme_row.group(1) == field.default
+    deploy_row = re.search(
+        r"^\| `PRECISION` \| `(\w+)` \(default\) or `(\w+)` \|", (ROOT / "docs" / "DEPLOY.md").read_text(), re.MULTILINE
+    )
+    assert deploy_row and {deploy_row.group(1), deploy_row.group(2)} == choices and deploy_row.group(1) == field.default

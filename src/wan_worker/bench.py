@@ -633,6 +633,8 @@ class Bench:
         ]
         if self.args.s3 != "weed":
             order.remove("s3_server")
+        if self.tiny and "fp8" not in self.args.sections:  # two more worker processes: only when asked for
+            order.remove("fp8")
         if self.args.sections:  # the caller's order, so the most wanted numbers come first
             order = [n for n in self.args.section_order if n in order]
         for name in order:
