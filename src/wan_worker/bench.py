@@ -1347,6 +1347,22 @@ class Bench:
             "qwen_load_from_disk_s": q.get("load_from_disk_s"),
             "residency_peak_gib": res.get("overall_peak_gib"),
         }
+        cold = s.get("cold_start", {})
+        for key in ("restart_with_compile_cache", "restart_with_artifacts_only"):
+            if isinstance(cold.get(key), dict):
+                out[f"6_cold_start_{key}_ready_s"] = cold[key].get("ready_s")
+        fp8 = s.get("fp8", {})
+        if fp8:
+            out.update(
+                {
+                    "7_fp8_applied": fp8.get("fp8_applied"),
+                    "7_fp8_psnr_vs_bf16_db": fp8.get("psnr_fp8_vs_bf16_db"),
+                    "7_fp8_end_to_end_s": (fp8.get("fp8") or {}).get("end_to_end_s"),
+                    "7_bf16_end_to_end_s": (fp8.get("bf16") or {}).get("end_to_end_s"),
+                    "7_fp8_speedup_forward": fp8.get("speedup_forward"),
+                }
+            )
+        out["as_shipped"] = self.result.get("versions", {}).get("as_shipped")
         return out
 
 
