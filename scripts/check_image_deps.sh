@@ -2,7 +2,7 @@
 # Does the image's Python environment resolve? Without Docker: pip resolves
 # requirements-gpu.txt + requirements.txt for the image's platform (Python 3.12, Linux x86_64,
 # glibc up to Ubuntu 24.04's 2.39), binary wheels only, and prints the resolved set.
-# It reads package metadata only (no multi-GB CUDA wheels are downloaded); about a minute.
+# It reads package metadata only (no multi-GB CUDA wheels are downloaded); one to two minutes.
 # A release runs it (docs/DEPLOY.md); tests/test_stack.py runs it when WAN_CHECK_IMAGE_DEPS=1.
 #
 # usage: bash scripts/check_image_deps.sh [--report FILE]   (exit 0: resolves; else pip's error)

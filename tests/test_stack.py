@@ -94,7 +94,7 @@ def test_this_cpu_environment_is_reported_not_as_shipped():
 
 @pytest.mark.skipif(os.environ.get("WAN_CHECK_IMAGE_DEPS") != "1", reason="release check: WAN_CHECK_IMAGE_DEPS=1")
 def test_image_dependencies_resolve_for_the_image_platform():
-    """About 90 s of package-index metadata reads, so only on demand (a release runs it)."""
+    """One to two minutes of package-index metadata reads, so only on demand (a release runs it)."""
     proc = subprocess.run(
         ["bash", str(ROOT / "scripts" / "check_image_deps.sh")], capture_output=True, text=True, timeout=600
     )
