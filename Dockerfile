@@ -31,8 +31,7 @@ ENV PYTHONUNBUFFERED=1 \
 RUN apt-get update && apt-get install -y --no-install-recommends \
         python3.12 python3.12-venv python3.12-dev gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && python3.12 -m venv /opt/venv \
-    && ln -s /opt/venv/bin/python /usr/local/bin/python
+    && python3.12 -m venv /opt/venv
 
 WORKDIR /app
 COPY requirements-gpu.txt requirements.txt pyproject.toml ./
