@@ -166,6 +166,22 @@ def test_unavailable_reason_names_what_is_missing(monkeypatch):
     assert "fa3-fwd" in fp8.unavailable_reason()
 
 
+def test_attention_probe_accepts_the_contract_and_names_a_failure():
+    calls: list = []
+    assert fp8.probe_attention(reference_flash_attn_func(calls), "cpu") is None
+    assert calls and calls[0]["descale"] == (torch.float32, (1, 2))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    assert "no kernel image" in fp8.probe_attention(broken, "cpu")
+
+    def wrong_scale(q, k, v, softmax_scale=None, **descales):  # ignores the descales
+        return reference_flash_attn_func([])(q, k, v, softmax_scale, *(torch.ones_like(descales["q_descale"]),) * 3)
+
+    assert "disagrees" in fp8.probe_attention(wrong_scale, "cpu")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_compile_artifacts_are_skipped_without_cuda(tmp_path, tiny_models, precision):
     settings = tiny_settings(tiny_models, precision=precision, compile_cache_dir=tmp_path)
@@ -185,3 +201,19 @@ def test_step_cache_works_with_the_fp8_processor():
     assert full == 2
     assert len(calls) == full + 1  # only the first block ran; the rest came from the cache
     torch.testing.assert_close(second, first)
+
+
+def test_a_failing_fp8_set_up_leaves_the_transformer_bf16_and_says_so(tiny_models, monkeypatch):
+    monkeypatch.delitem(accel.REPORT, "precision", raising=False)
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)  # as on a Hopper GPU with both wheels
+    monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: reference_flash_attn_func([]))
+
+    def broken(transformer):
+        raise RuntimeError("torchao built for another torch")
+
+    monkeypatch.setattr(fp8, "quantize_block_linears", broken)
+    worker = tiny_worker(tiny_models, precision="fp8")
+    transformer = worker.manager.pipeline("t2v").transformer
+    status = accel.precision_status(worker.settings)
+    assert status["applied"] == "bf16" and "torchao built for another torch" in status["reason"]
+    assert all(not isinstance(m.processor, fp8.FP8SelfAttnProcessor) for m in fp8.self_attention_modules(transformer))

@@ -209,8 +209,18 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings) -> str:
         return "bf16"
     started = time.perf_counter()
     counts = REPORT["precision"].setdefault("modules", {})
-    attention = fp8.enable_fp8_attention(transformer, fp8.fa3_flash_attn_func())
-    linears = fp8.quantize_block_linears(transformer)
+    try:
+        linears = fp8.quantize_block_linears(transformer)
+        attention = fp8.enable_fp8_attention(transformer, fp8.fa3_flash_attn_func())
+    except Exception as exc:  # noqa: BLE001 - FP8 is an optimisation: this transformer stays bf16
+        fp8.disable_fp8_attention(transformer)
+        reason = f"fp8 set-up failed for {type(transformer).__name__}: {type(exc).__name__}: {str(exc)[:200]}"
+        # health tells the truth: bf16 unless an earlier transformer already runs fp8
+        earlier_fp8 = any("error" not in v for v in counts.values())
+        REPORT["precision"].update(applied="mixed" if earlier_fp8 else "bf16", reason=reason)
+        counts[type(transformer).__name__] = {"error": reason}
+        log.warning("PRECISION=fp8 set-up failed; this transformer runs bf16", extra={"reason": reason})
+        return "bf16"
     counts[type(transformer).__name__] = {
         "fp8_self_attention": attention,
         "float8_linears": linears,

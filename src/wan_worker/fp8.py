@@ -101,7 +101,8 @@ def fa3_flash_attn_func() -> Callable | None:
 
 
 def unavailable_reason() -> str | None:
-    """Why FP8 can't run here (None: it can): no CUDA, not Hopper, no FA3 wheel, no torchao."""
+    """Why FP8 can't run here (None: it can): no CUDA, not Hopper, no FA3 wheel, no torchao, or
+    a probe of either that fails on this GPU."""
     if not torch.cuda.is_available():
         return "no CUDA device"
     major, minor = torch.cuda.get_device_capability()
@@ -114,6 +115,35 @@ def unavailable_reason() -> str | None:
         importlib.import_module("torchao.quantization")
     except Exception as exc:  # noqa: BLE001 - absent, or built for another torch
         return f"torchao is not usable: {type(exc).__name__}: {str(exc)[:160]}"
+    return probe_attention(fa3_flash_attn_func(), "cuda") or probe_linear("cuda")
+
+
+def probe_attention(flash_attn_func: Callable, device: str) -> str | None:
+    """One small FP8 attention call against ``reference_fp8_attention``: a kernel that fails
+    or disagrees on this GPU (a wheel built for another torch, other descale semantics) is
+    found at load time, not inside the warm-up or a job. None when it agrees."""
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 256, 2, 128, generator=gen, device=device).bfloat16() for _ in range(3))
+        out = fp8_attention(q, k, v, flash_attn_func).float()
+        ref = reference_fp8_attention(q, k, v).float()
+        err = float((out - ref).norm() / ref.norm())
+    except Exception as exc:  # noqa: BLE001 - any failure means: not here
+        return f"FA3 FP8 attention failed here: {type(exc).__name__}: {str(exc)[:160]}"
+    return None if err < 0.05 else f"FA3 FP8 attention disagrees with its reference here (relative error {err:.3f})"
+
+
+def probe_linear(device: str) -> str | None:
+    """One small torchao float8 linear: torchao built for another torch fails here, not in a job."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        layer = torch.nn.Sequential(torch.nn.Linear(256, 256)).to(device, torch.bfloat16)
+        quantize_(layer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        with torch.inference_mode():
+            layer(torch.randn(64, 256, device=device, dtype=torch.bfloat16))
+    except Exception as exc:  # noqa: BLE001 - any failure means: not here
+        return f"torchao float8 linears failed here: {type(exc).__name__}: {str(exc)[:160]}"
     return None
 
 
