@@ -140,7 +140,8 @@ def test_processor_replaces_only_self_attention_and_is_removable():
 
 
 def test_fp8_falls_back_to_bf16_visibly(tiny_models, monkeypatch, caplog):
-    monkeypatch.delitem(accel.REPORT, "precision", raising=False)
+    # an earlier bf16 worker in this process (as in this test session) must not hide the fallback
+    monkeypatch.setitem(accel.REPORT, "precision", {"requested": "bf16", "applied": "bf16"})
     monkeypatch.delitem(accel.REPORT, "transformers", raising=False)
     worker = tiny_worker(tiny_models, precision="fp8")
     assert accel.precision_status(worker.settings) == {"requested": "fp8", "applied": None}

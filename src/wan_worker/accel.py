@@ -194,12 +194,14 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings) -> str:
     """``PRECISION=fp8``: FP8 self-attention and float8 block linears (``fp8.py``); the precision
     this transformer runs in. Where FP8 can't run (no Hopper GPU, no FA3 wheel, no torchao) it
     stays bf16, logs one warning per process, and ``REPORT["precision"]`` says why."""
+    decided = REPORT.get("precision", {}).get("requested") == settings.precision  # once per process
     if settings.precision != "fp8":
-        REPORT.setdefault("precision", {"requested": settings.precision, "applied": settings.precision})
+        if not decided:
+            REPORT["precision"] = {"requested": settings.precision, "applied": settings.precision}
         return settings.precision
     from . import fp8
 
-    if "precision" not in REPORT:
+    if not decided:
         reason = fp8.unavailable_reason()
         REPORT["precision"] = {"requested": "fp8", "applied": "bf16" if reason else "fp8"}
         if reason:
@@ -231,7 +233,10 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings) -> str:
 
 def precision_status(settings: Settings) -> dict[str, Any]:
     """For health: what was requested, what runs (``None`` until a transformer has loaded), why."""
-    return dict(REPORT.get("precision") or {"requested": settings.precision, "applied": None})
+    report = REPORT.get("precision") or {}
+    if report.get("requested") != settings.precision:
+        return {"requested": settings.precision, "applied": None}
+    return dict(report)
 
 
 # -- portable compile artifacts --------------------------------------------------------------------
