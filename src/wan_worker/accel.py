@@ -10,6 +10,12 @@
   It is the *forward* that is compiled (not ``module.compile()``), so diffusers' cache hooks,
   which wrap ``forward``, stay eager around it and step caching works with compile.
   ``warm_transformer`` runs one forward per shape so the first job does not pay for it.
+* **Precision** - ``PRECISION=fp8`` runs each block's self-attention through FA3's FP8 kernel
+  and its linears in float8 (``fp8.py``); without a Hopper GPU, the FA3 wheel or torchao it
+  stays bf16 and ``REPORT["precision"]`` says why.
+* **Compile artifacts** - ``torch.compiler``'s portable cache, loaded before the warm-up and
+  saved after it under ``COMPILE_CACHE_DIR`` (the network volume), so a new worker skips most
+  of the compile.
 * **Step cache** - diffusers' first-block cache for one pipeline call (``step_cache``).
 * **VAE** - cuDNN autotuning and channels-last weights for the causal 3-D convolutions, and
   each norm + SiLU fused into one compiled kernel (``optimize_vae``, ``warm_vae``).
@@ -25,8 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,19 +62,9 @@ def enable_fa3() -> bool:
 
     if getattr(dispatch, "_CAN_USE_FLASH_ATTN_3", False) and getattr(dispatch, "flash_attn_3_func", None):
         return True
-    import importlib
-    import sys
+    from .fp8 import fa3_flash_attn_func
 
-    func = None
-    for module_name in ("flash_attn_interface", "fa3_fwd_interface"):
-        try:
-            if module_name == "fa3_fwd_interface" and "flash_attn_config" not in sys.modules:
-                # the forward-only wheel renamed its config module but one helper imports the old name
-                sys.modules["flash_attn_config"] = importlib.import_module("fa3_fwd_config")
-            func = importlib.import_module(module_name).flash_attn_func
-            break
-        except Exception:  # noqa: BLE001 - absent or built for another torch: no FA3
-            continue
+    func = fa3_flash_attn_func()
     if func is None:
         return False
     dispatch.flash_attn_3_func = func
@@ -188,6 +187,119 @@ def _set_backend(transformer: torch.nn.Module, backend: str | None) -> str | Non
         return "native"
 
 
+# -- precision ---------------------------------------------------------------------------------------
+
+
+def apply_precision(transformer: torch.nn.Module, settings: Settings) -> str:
+    """``PRECISION=fp8``: FP8 self-attention and float8 block linears (``fp8.py``); the precision
+    this transformer runs in. Where FP8 can't run (no Hopper GPU, no FA3 wheel, no torchao) it
+    stays bf16, logs one warning per process, and ``REPORT["precision"]`` says why."""
+    decided = REPORT.get("precision", {}).get("requested") == settings.precision  # once per process
+    if settings.precision != "fp8":
+        if not decided:
+            REPORT["precision"] = {"requested": settings.precision, "applied": settings.precision}
+        return settings.precision
+    from . import fp8
+
+    if not decided:
+        reason = fp8.unavailable_reason()
+        REPORT["precision"] = {"requested": "fp8", "applied": "bf16" if reason else "fp8"}
+        if reason:
+            REPORT["precision"]["reason"] = reason
+            log.warning("PRECISION=fp8 is not available here; running bf16", extra={"reason": reason})
+    if REPORT["precision"]["applied"] != "fp8":
+        return "bf16"
+    started = time.perf_counter()
+    counts = REPORT["precision"].setdefault("modules", {})
+    try:
+        linears = fp8.quantize_block_linears(transformer)
+        attention = fp8.enable_fp8_attention(transformer, fp8.fa3_flash_attn_func())
+    except Exception as exc:  # noqa: BLE001 - FP8 is an optimisation: this transformer stays bf16
+        fp8.disable_fp8_attention(transformer)
+        reason = f"fp8 set-up failed for {type(transformer).__name__}: {type(exc).__name__}: {str(exc)[:200]}"
+        # health tells the truth: bf16 unless an earlier transformer already runs fp8
+        earlier_fp8 = any("error" not in v for v in counts.values())
+        REPORT["precision"].update(applied="mixed" if earlier_fp8 else "bf16", reason=reason)
+        counts[type(transformer).__name__] = {"error": reason}
+        log.warning("PRECISION=fp8 set-up failed; this transformer runs bf16", extra={"reason": reason})
+        return "bf16"
+    counts[type(transformer).__name__] = {
+        "fp8_self_attention": attention,
+        "float8_linears": linears,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return "fp8"
+
+
+def precision_status(settings: Settings) -> dict[str, Any]:
+    """For health: what was requested, what runs (``None`` until a transformer has loaded), why."""
+    report = REPORT.get("precision") or {}
+    if report.get("requested") != settings.precision:
+        return {"requested": settings.precision, "applied": None}
+    return dict(report)
+
+
+# -- portable compile artifacts --------------------------------------------------------------------
+
+
+def compile_artifacts_path(settings: Settings) -> Path | None:
+    """One file per torch version, GPU and precision (artifacts of another stack would miss)."""
+    if not torch.cuda.is_available():
+        return None
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
+    name = f"compile-artifacts-torch{torch.__version__}-{gpu}-{settings.precision}.bin"
+    return Path(settings.compile_cache_dir) / name
+
+
+def load_compile_artifacts(settings: Settings) -> dict[str, Any]:
+    """Before anything compiles: feed the saved compile artifacts (``torch.compiler`` mega-cache:
+    inductor, autotuning and AOT-autograd entries) back into this process's caches. Guarded:
+    a missing, stale or unreadable file is logged and ignored; compile then runs as usual."""
+    info: dict[str, Any] = {"loaded": False}
+    REPORT["compile_artifacts"] = info
+    path = compile_artifacts_path(settings)
+    if path is None or (not settings.compile_transformer and not settings.compile_vae):
+        return info
+    info["path"] = str(path)
+    if not path.is_file():
+        info["reason"] = "no saved artifacts yet (first start)"
+        return info
+    started = time.perf_counter()
+    try:
+        loaded = torch.compiler.load_cache_artifacts(path.read_bytes())
+        info.update(loaded=loaded is not None, bytes=path.stat().st_size)
+    except Exception as exc:  # noqa: BLE001 - a cache is an optimisation
+        info["reason"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        log.warning("compile artifacts not loaded", extra={"path": str(path), "reason": info["reason"]})
+    info["load_seconds"] = round(time.perf_counter() - started, 2)
+    return info
+
+
+def save_compile_artifacts(settings: Settings) -> dict[str, Any]:
+    """After the warm-up compiled: write this process's compile artifacts to the volume, so the
+    next worker on this volume starts with them (``load_compile_artifacts``). Guarded."""
+    info = REPORT.setdefault("compile_artifacts", {})
+    path = compile_artifacts_path(settings)
+    if path is None:
+        return info
+    started = time.perf_counter()
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            info["saved"] = False
+            return info
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(saved[0])
+        tmp.replace(path)  # atomic: a worker starting meanwhile reads the old file or the new one
+        info.update(saved=True, saved_bytes=len(saved[0]), path=str(path))
+    except Exception as exc:  # noqa: BLE001 - a cache is an optimisation
+        info.update(saved=False, save_error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        log.warning("compile artifacts not saved", extra={"path": str(path), "reason": info["save_error"]})
+    info["save_seconds"] = round(time.perf_counter() - started, 2)
+    return info
+
+
 # -- the transformer -------------------------------------------------------------------------------
 
 
@@ -258,6 +370,7 @@ def optimize_transformer(transformer: torch.nn.Module, settings: Settings) -> No
     """Apply the attention backend, fused QKV and regional compile to a Wan transformer."""
     info: dict[str, Any] = {"class": type(transformer).__name__}
     info["attention_backend"] = _set_backend(transformer, resolve_attention_backend(settings))
+    info["precision"] = apply_precision(transformer, settings)
     if settings.fuse_qkv:
         try:
             transformer.fuse_qkv_projections()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from .accel import precision_status
 from .settings import SECRET_ENV_VARS, env_presence
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def health(worker: Worker, inp: JobInput) -> dict[str, Any]:
         "gpu_memory_used_gib": memory.get("gpu_allocated_gib"),
         "gpu_memory_free_gib": memory.get("gpu_free_gib"),
         "memory": memory,
+        "precision": precision_status(worker.settings),
     }
 
 

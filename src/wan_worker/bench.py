@@ -7,8 +7,10 @@ architectures (random weights cost exactly what trained weights cost per step):
   VAE), the Wan2.1-VACE-1.3B transformer and a Qwen2.5-7B-shaped model, saved with
   ``save_pretrained`` as safetensors under ``MODELS_DIR/<repo name>`` (what ``ModelLocator``
   resolves). ``--tiny`` uses the tiny profile's checkpoints instead.
-* **cold_start** - a fresh process: imports, ``Worker``, model load from disk (page cache
-  dropped first where the OS allows), compile warm-up, until ready.
+* **cold_start** (``coldstart``) - a fresh process: imports, ``Worker``, model load from disk
+  (page cache dropped first where the OS allows), compile warm-up with the portable compile
+  artifacts, until ready; on a GPU also a restart with both compile caches and a restart with
+  the artifacts file alone.
 * **attention / transformer** - each attention backend, and transformer forwards eager vs
   compiled, with effective TFLOP/s against the analytic FLOP count.
 * **vae** - decode in fp32 / bf16 / channels-last / fused norms, time and PSNR vs fp32, and a
@@ -24,6 +26,12 @@ architectures (random weights cost exactly what trained weights cost per step):
 * **residency** - a fresh process capped at 48 GB of the card runs all eight job types and
   every reference mode under ``GPU_MEMORY_BUDGET_GB=44``; peak allocated memory per job.
 * **scaling** - transformer forward and attention time at 17/33/49/81 frames and 720p.
+* **fp8** - the same-seed ``video_fast`` job in bf16 and ``PRECISION=fp8``, each in a fresh
+  process: end to end, per forward, warm-up compile time, PSNR of fp8 vs bf16 frames.
+
+``versions`` records the stack the run used (python, torch, CUDA, triton, diffusers,
+transformers, fa3-fwd, torchao, the GPU) and ``as_shipped``: whether it is exactly the image's
+pinned stack (``requirements-gpu.txt``); the harness prints which at its start and end.
 
 Output is one JSON document (``--out``), rewritten after every section, so an interrupted
 run still leaves what it measured. Nothing is asserted on timings here; the numbers are
@@ -246,6 +254,12 @@ def versions() -> dict[str, Any]:
         out["ffmpeg"] = imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as exc:  # noqa: BLE001
         out["ffmpeg"] = f"missing: {exc}"
+    from . import stack
+
+    shipped = stack.shipped_stack()
+    comparison = stack.compare(shipped, stack.installed_versions())
+    out["stack"] = {"shipped": shipped, "found": stack.installed_versions(), **comparison}
+    out["as_shipped"] = comparison["as_shipped"]
     return out
 
 
@@ -486,6 +500,24 @@ def run_job(worker, job: dict, clock: StepClock | None = None) -> dict[str, Any]
     return result
 
 
+def bench_job(width: int, height: int, frames: int, steps: int, **extra) -> dict[str, Any]:
+    """The benchmark's ``video_fast`` job: fixed prompt and seed, step cache off."""
+    job = {
+        "job_type": "video_fast",
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE,
+        "seed": SEED,
+        "width": width,
+        "height": height,
+        "frame_num": frames,
+        "step_cache": "off",
+        "config": {"num_inference_steps": steps, "sample_shift": 5.0},
+        "user_id": "bench",
+    }
+    job.update(extra)
+    return job
+
+
 # --------------------------------------------------------------------------------------------
 # the harness
 
@@ -563,20 +595,7 @@ class Bench:
         return Settings(**base)
 
     def job(self, **extra) -> dict[str, Any]:
-        job = {
-            "job_type": "video_fast",
-            "prompt": PROMPT,
-            "negative_prompt": NEGATIVE,
-            "seed": SEED,
-            "width": self.width,
-            "height": self.height,
-            "frame_num": self.frames,
-            "step_cache": "off",
-            "config": {"num_inference_steps": self.steps, "sample_shift": 5.0},
-            "user_id": "bench",
-        }
-        job.update(extra)
-        return job
+        return bench_job(self.width, self.height, self.frames, self.steps, **extra)
 
     def t2v_dir(self) -> Path:
         if self.tiny:
@@ -590,8 +609,11 @@ class Bench:
     def run(self) -> dict[str, Any]:
         import torch
 
+        from .stack import describe
+
         self.result["versions"] = versions()
         self.save()
+        print(f"[bench] {describe(self.result['versions']['stack'])}", file=sys.stderr, flush=True)
         if not self.tiny and not torch.cuda.is_available():
             raise SystemExit("no CUDA device: use --tiny for the CPU smoke test")
         order = [
@@ -607,18 +629,23 @@ class Bench:
             "qwen",
             "residency",
             "scaling",
+            "fp8",
         ]
         if self.args.s3 != "weed":
             order.remove("s3_server")
+        if self.tiny and "fp8" not in self.args.sections:  # two more worker processes: only when asked for
+            order.remove("fp8")
         if self.args.sections:  # the caller's order, so the most wanted numbers come first
             order = [n for n in self.args.section_order if n in order]
         for name in order:
-            self.section(name, getattr(self, {"s3_server": "start_s3", "worker": "worker_runs"}.get(name, name)))
+            method = {"s3_server": "start_s3", "worker": "worker_runs", "fp8": "fp8_runs"}.get(name, name)
+            self.section(name, getattr(self, method))
         if self.s3 is not None:
             self.s3.stop()
         self.result["summary"] = self.summary()
         self.result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.save()
+        print(f"[bench] {describe(self.result['versions']['stack'])}", file=sys.stderr, flush=True)
         return self.result
 
     def write_models(self) -> dict[str, Any]:
@@ -676,16 +703,72 @@ class Bench:
         return out
 
     def cold_start(self) -> dict[str, Any]:
-        """A fresh worker process until ready: first start (empty compile cache), then a restart."""
-        env = self._child_env(self.settings())
+        """A fresh worker process until ready, phase by phase: a first start (empty compile
+        caches), a restart with both caches (inductor's directory and the portable compile
+        artifacts, as on a network volume), and a restart with the artifacts file alone (a new
+        machine whose inductor directory is empty)."""
+        env = self._child_env(self.settings(precision=self.args.precision))
         env["WARMUP_ON_START"] = "1"
-        cache = self.work / "inductor-cache-cold"
-        shutil.rmtree(cache, ignore_errors=True)
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        cache, artifacts = self.work / "inductor-cache-cold", self.work / "compile-artifacts-cold"
+        for folder in (cache, artifacts):
+            shutil.rmtree(folder, ignore_errors=True)
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(cache), COMPILE_CACHE_DIR=str(artifacts))
         first = self._cold_child(env)
         out = dict(first)
         if not self.tiny and "error" not in first:
             out["restart_with_compile_cache"] = self._cold_child(env)
+            empty = self.work / "inductor-cache-empty"
+            shutil.rmtree(empty, ignore_errors=True)
+            out["restart_with_artifacts_only"] = self._cold_child({**env, "TORCHINDUCTOR_CACHE_DIR": str(empty)})
+        return out
+
+    def fp8_runs(self) -> dict[str, Any]:
+        """The same-seed ``video_fast`` job in bf16 and in ``PRECISION=fp8``, each in a fresh
+        process with empty compile caches: end to end, per forward, compile time, and the PSNR
+        of the fp8 frames against the bf16 ones (target: at least 35 dB)."""
+        runs: dict[str, Any] = {}
+        frames: dict[str, np.ndarray] = {}
+        for precision in ("bf16", "fp8"):
+            env = self._child_env(self.settings(precision=precision))
+            cache = self.work / f"inductor-cache-{precision}"
+            shutil.rmtree(cache, ignore_errors=True)
+            env.update(
+                WARMUP_ON_START="0", TORCHINDUCTOR_CACHE_DIR=str(cache), COMPILE_CACHE_DIR=str(cache / "artifacts")
+            )
+            frames_path = self.work / f"frames-{precision}.npy"
+            frames_path.unlink(missing_ok=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "wan_worker.bench",
+                "--child",
+                "precision_run",
+                "--frames-out",
+                str(frames_path),
+                *("--height", str(self.height), "--width", str(self.width)),
+                *("--frames", str(self.frames), "--steps", str(self.steps)),
+            ]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                runs[precision] = {"error": f"child exited {proc.returncode}", "stderr": proc.stderr[-3000:]}
+                continue
+            runs[precision] = json.loads(lines[-1])
+            if frames_path.exists():
+                frames[precision] = np.load(frames_path).astype(np.float32)
+        out: dict[str, Any] = {"versions": self.result.get("versions", {}).get("stack"), **runs}
+        bf16, fp8 = runs.get("bf16", {}), runs.get("fp8", {})
+        out["fp8_applied"] = (fp8.get("precision") or {}).get("applied") == "fp8"
+        if not out["fp8_applied"]:
+            reason = (fp8.get("precision") or {}).get("reason")
+            out["note"] = f"fp8 was not applied ({reason}): both runs are bf16"
+        if "bf16" in frames and "fp8" in frames:
+            out["psnr_fp8_vs_bf16_db"] = psnr(frames["fp8"], frames["bf16"])
+            value = out["psnr_fp8_vs_bf16_db"]
+            out["meets_35db"] = value >= 35 if out["fp8_applied"] and value is not None else None
+        for key in ("forward_s", "end_to_end_s", "step_median_s"):
+            if bf16.get(key) and fp8.get(key):
+                out[f"speedup_{key.removesuffix('_s')}"] = r(bf16[key] / fp8[key], 3)
         return out
 
     def attention(self) -> dict[str, Any]:
@@ -709,7 +792,8 @@ class Bench:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls.from_pretrained(path or self.t2v_dir(), subfolder="transformer", dtype=torch.bfloat16).to(device)
 
-    def _time_forward(self, transformer, frames: int, height: int, width: int, reps: int = 3) -> dict[str, Any]:
+    @staticmethod
+    def _time_forward(transformer, frames: int, height: int, width: int, reps: int = 3) -> dict[str, Any]:
         import torch
 
         from .accel import transformer_dummy_inputs
@@ -1263,11 +1347,31 @@ class Bench:
             "qwen_load_from_disk_s": q.get("load_from_disk_s"),
             "residency_peak_gib": res.get("overall_peak_gib"),
         }
+        cold = s.get("cold_start", {})
+        for key in ("restart_with_compile_cache", "restart_with_artifacts_only"):
+            if isinstance(cold.get(key), dict):
+                out[f"6_cold_start_{key}_ready_s"] = cold[key].get("ready_s")
+        fp8 = s.get("fp8", {})
+        if fp8:
+            out.update(
+                {
+                    "7_fp8_applied": fp8.get("fp8_applied"),
+                    "7_fp8_psnr_vs_bf16_db": fp8.get("psnr_fp8_vs_bf16_db"),
+                    "7_fp8_end_to_end_s": (fp8.get("fp8") or {}).get("end_to_end_s"),
+                    "7_bf16_end_to_end_s": (fp8.get("bf16") or {}).get("end_to_end_s"),
+                    "7_fp8_speedup_forward": fp8.get("speedup_forward"),
+                }
+            )
+        out["as_shipped"] = self.result.get("versions", {}).get("as_shipped")
         return out
 
 
 # --------------------------------------------------------------------------------------------
 # child processes (fresh CUDA context, clean memory statistics)
+
+
+#: Libraries the worker needs only on some paths; importing them at start costs cold start.
+HEAVY_MODULES = ("torchao", "fa3_fwd_interface", "torch._inductor", "imageio_ffmpeg", "boto3", "runpod")
 
 
 def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
@@ -1284,6 +1388,7 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
     from . import worker as worker_module
 
     marks["imports_s"] = since()
+    startup_modules = set(sys.modules)
     import diffusers.pipelines.wan  # noqa: F401 - what the first load imports anyway
     import transformers.models.umt5  # noqa: F401
 
@@ -1292,23 +1397,58 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.init()
         torch.empty(1, device="cuda")
     marks["cuda_initialised_s"] = since()
-    config = worker_module.serverless_config() if hasattr(worker_module, "serverless_config") else None
     w = worker_module.get_worker()
-    if config is None or not w.manager.wan_loaded:
-        w.manager.encoder_pipe()
+    w.manager.encoder_pipe()
     marks["models_loaded_s"] = since()
     marks["load_seconds"] = {k: round(v, 2) for k, v in w.manager.load_seconds.items()}
-    from .accel import REPORT, warm_transformer
+    from .accel import REPORT
 
-    pipe = w.manager.pipeline("t2v")
-    if torch.cuda.is_available():
-        warm_transformer(pipe.transformer, args.height, args.width, args.frames)
+    # what WARMUP_ON_START runs: compile artifacts in, transformer and VAE warm-ups, artifacts out
+    w.manager.warm_up(args.width, args.height, args.frames)
     marks["ready_s"] = since()
     marks["warm_compile_s"] = round(marks["ready_s"] - marks["models_loaded_s"], 2)
+    marks["warmups"] = REPORT.get("warmups")
+    marks["compile_artifacts"] = REPORT.get("compile_artifacts")
     marks["compile_enabled"] = w.settings.compile_transformer
+    marks["compile_errors"] = REPORT.get("compile_errors")
+    marks["precision"] = REPORT.get("precision")
     marks["attention_backend"] = REPORT.get("attention_backend")
+    marks["heavy_modules_at_import"] = sorted(m for m in HEAVY_MODULES if m in startup_modules)
     marks["peak_gib"] = gpu_peak_gib()
     return marks
+
+
+def child_precision_run(args: argparse.Namespace) -> dict[str, Any]:
+    """One worker process at the precision its environment sets: load, warm-up compile (timed),
+    the benchmark job end to end, one transformer forward; the decoded frames to a file."""
+    from .accel import REPORT
+    from .worker import get_worker
+
+    started = now()
+    worker = get_worker()
+    worker.manager.encoder_pipe()
+    out: dict[str, Any] = {"load_s": r(now() - started, 2)}
+    started = now()
+    worker.manager.warm_up(args.width, args.height, args.frames)
+    out["warm_compile_s"] = r(now() - started, 2)
+    out["warmups"] = REPORT.get("warmups")
+    job = run_job(worker, bench_job(args.width, args.height, args.frames, args.steps, id="precision"))
+    frames = job.pop("_frames", None)
+    if frames is not None:
+        np.save(args.frames_out, np.asarray(frames, dtype=np.float16))
+    out["job"] = job
+    out["end_to_end_s"] = job.get("total_s")
+    out["step_median_s"] = job.get("step_median_s")
+    transformer = worker.manager.pipeline("t2v").transformer
+    forward = Bench._time_forward(transformer, args.frames, args.height, args.width)
+    forward.pop("_out", None)
+    out.update(
+        forward_s=forward["forward_s"], forward_tflops=forward["tflops"], first_forward_s=forward["first_call_s"]
+    )
+    out["precision"] = REPORT.get("precision")
+    out["compile_errors"] = REPORT.get("compile_errors")
+    out["peak_vram_gib"] = gpu_peak_gib()
+    return out
 
 
 def child_residency(args: argparse.Namespace) -> dict[str, Any]:
@@ -1446,7 +1586,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models-dir", help="where the random-weight checkpoints are written / reused")
     p.add_argument("--tiny-models-dir", help="--tiny: reuse tiny checkpoints here (default: MODELS_DIR/tiny)")
     p.add_argument("--models", default="t2v,vace,qwen", help="which full-size checkpoints to write")
-    p.add_argument("--sections", default="", help="comma list of sections to run (default: all)")
+    p.add_argument(
+        "--sections",
+        "--section",
+        default="",
+        help="comma list of sections to run (default: all; coldstart = cold_start)",
+    )
+    p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16", help="PRECISION of the cold_start workers")
+    p.add_argument("--frames-out", help=argparse.SUPPRESS)
     p.add_argument("--s3", choices=["weed", "none"], default="weed", help="upload to a local SeaweedFS, or inline")
     p.add_argument("--height", type=int, default=832)
     p.add_argument("--width", type=int, default=480)
@@ -1458,9 +1605,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-gib", type=float, default=44.0)
     p.add_argument("--card-gb", type=float, default=48.0)
     p.add_argument("--residency-steps", type=int, default=2)
-    p.add_argument("--child", choices=["cold_start", "residency"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["cold_start", "residency", "precision_run"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.section_order = [s.strip() for s in args.sections.split(",") if s.strip()]
+    aliases = {"coldstart": "cold_start"}
+    args.section_order = [aliases.get(s.strip(), s.strip()) for s in args.sections.split(",") if s.strip()]
     args.sections = set(args.section_order)
     args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     return args
@@ -1469,7 +1617,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        fn = {"cold_start": child_cold_start, "residency": child_residency}[args.child]
+        fn = {"cold_start": child_cold_start, "residency": child_residency, "precision_run": child_precision_run}[
+            args.child
+        ]
         print(json.dumps(fn(args), default=str), flush=True)
         return 0
     if args.tiny:

@@ -301,8 +301,11 @@ class ModelManager:
         and compile for the default video shape now, so the first job doesn't pay for it
         (WARMUP_ON_START). A missing turbo checkpoint is logged, not fatal: the other qualities
         still serve."""
-        from .accel import warm_transformer, warm_vae
+        from .accel import load_compile_artifacts, save_compile_artifacts, warm_transformer, warm_vae
 
+        compiles = self.device.type == "cuda" and (self.settings.compile_transformer or self.settings.compile_vae)
+        if compiles:
+            load_compile_artifacts(self.settings)  # before anything compiles
         pipe = self.pipeline("t2v")
         transformers = [("transformer", pipe.transformer)]
         if self.settings.default_quality == "turbo":
@@ -324,6 +327,8 @@ class ModelManager:
             warm_vae(pipe.vae, height, width)
         if self.settings.warmup_qwen:
             self.qwen()
+        if compiles:
+            save_compile_artifacts(self.settings)  # everything compiled so far, Qwen's decode included
 
     def ready(self, name: str) -> bool:
         return ("t2v_denoise" if name == "t2v" else name) in self._pipes

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     vae_channels_last: bool = True
     compile_vae: bool = True  # fused norm + SiLU kernels in the VAE decoder, CUDA only (accel.py)
     step_cache_threshold: float = Field(default=0.08, ge=0, le=1)
+    #: "fp8": FP8 self-attention (FA3) + float8 linears (torchao) on Hopper; else bf16 (accel.py)
+    precision: Literal["bf16", "fp8"] = "bf16"
+    #: where the portable compile artifacts are saved after the warm-up and loaded at start
+    compile_cache_dir: Path = Path("/runpod-volume/.cache/wan-worker")
 
     # --- storage --------------------------------------------------------------------------
     bucket_endpoint_url: str | None = None

@@ -1,0 +1,241 @@
+"""``PRECISION=fp8``: FP8 self-attention (FlashAttention-3) and float8 linears (torchao).
+
+* **Self-attention** (each block's ``attn1``, 70 % of the FLOPs at 480x832x81) runs FA3's FP8
+  kernel. Q, K and V are quantized to ``float8_e4m3fn`` with one scale per (batch, head),
+  from the absolute maximum over tokens and channels; FA3 takes the scales back as float32
+  ``q_descale/k_descale/v_descale`` of shape (B, H) and returns bf16. K is first **smoothed**:
+  its mean over tokens is subtracted. That is exact for softmax attention (it shifts every
+  score of one query by the same ``q . mean(k)``) and removes the per-channel offset that
+  would otherwise set K's scale and waste its few mantissa bits. Cross-attention (512 text
+  tokens, a few percent of the time) stays bf16.
+* **Linears** of the transformer blocks: torchao's dynamic float8 activations and float8
+  weights with one scale per row (``Float8DynamicActivationFloat8WeightConfig(PerRow())``).
+
+The attention runs through ``FP8SelfAttnProcessor``, set with diffusers' own
+``set_processor`` on the ``attn1`` modules only; ``disable_fp8_attention`` puts the
+original processors back. Both need a Hopper GPU (FA3's FP8 kernels are sm_90), the
+``fa3-fwd`` wheel and torchao: ``unavailable_reason`` says which one is missing, and the
+caller (``accel.apply_precision``) then runs bf16 and says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: Largest finite float8_e4m3fn value.
+FP8_MAX = 448.0
+#: Prefixes of the transformer's repeated blocks (T2V and VACE) whose linears go float8.
+BLOCK_PREFIXES = ("blocks", "vace_blocks")
+
+
+# -- quantization (pure torch; runs on CPU too) ------------------------------------------------
+
+
+def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) -> float8_e4m3fn values and their float32 descale of shape (B, H).
+
+    ``x ~= x8.float() * descale[:, None, :, None]``; each (batch, head) slice uses the whole
+    e4m3 range: its absolute maximum maps to 448.
+    """
+    amax = x.abs().amax(dim=(1, 3)).float().clamp(min=1e-8)
+    descale = amax / FP8_MAX
+    x8 = (x.float() / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, descale
+
+
+def smooth_keys(k: torch.Tensor) -> torch.Tensor:
+    """K minus its mean over tokens (dim 1): softmax(q k^T) is unchanged, K's range shrinks."""
+    mean = k.mean(dim=1, keepdim=True, dtype=torch.promote_types(k.dtype, torch.float32))
+    return (k - mean).to(k.dtype)
+
+
+def quantize_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA3's FP8 inputs: (q8, k8, v8, q_descale, k_descale, v_descale), K smoothed."""
+    q8, qd = quantize_per_head(q)
+    k8, kd = quantize_per_head(smooth_keys(k))
+    v8, vd = quantize_per_head(v)
+    return q8, k8, v8, qd, kd, vd
+
+
+def dequantize(x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+    return x8.float() * descale[:, None, :, None]
+
+
+def reference_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What FA3 computes from ``quantize_qkv``'s inputs, in plain torch (float32 softmax):
+    the yardstick for the quantization itself, on any device."""
+    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v)
+    qf, kf, vf = (dequantize(x, d).transpose(1, 2) for x, d in ((q8, qd), (k8, kd), (v8, vd)))
+    out = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf)
+    return out.transpose(1, 2).to(torch.bfloat16)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flash_attn_func: Callable) -> torch.Tensor:
+    """Self-attention of (B, S, H, D) bf16 tensors through FA3's FP8 kernel; bf16 out."""
+    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v)
+    out = flash_attn_func(q8, k8, v8, softmax_scale=q.shape[-1] ** -0.5, q_descale=qd, k_descale=kd, v_descale=vd)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# -- availability ---------------------------------------------------------------------------------
+
+
+def fa3_flash_attn_func() -> Callable | None:
+    """FA3's ``flash_attn_func`` from ``flash_attn_interface`` or the ``fa3-fwd`` wheel; None if absent."""
+    for module_name in ("flash_attn_interface", "fa3_fwd_interface"):
+        try:
+            if module_name == "fa3_fwd_interface" and "flash_attn_config" not in sys.modules:
+                # the forward-only wheel renamed its config module but one helper imports the old name
+                sys.modules["flash_attn_config"] = importlib.import_module("fa3_fwd_config")
+            return importlib.import_module(module_name).flash_attn_func
+        except Exception:  # noqa: BLE001 - absent or built for another torch: no FA3
+            continue
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why FP8 can't run here (None: it can): no CUDA, not Hopper, no FA3 wheel, no torchao, or
+    a probe of either that fails on this GPU."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        name = torch.cuda.get_device_name()
+        return f"{name} is sm_{major}{minor}; FA3's FP8 attention kernels need a Hopper GPU (sm_90)"
+    if fa3_flash_attn_func() is None:
+        return "FlashAttention-3 is not installed (the fa3-fwd wheel, module fa3_fwd_interface)"
+    try:
+        importlib.import_module("torchao.quantization")
+    except Exception as exc:  # noqa: BLE001 - absent, or built for another torch
+        return f"torchao is not usable: {type(exc).__name__}: {str(exc)[:160]}"
+    return probe_attention(fa3_flash_attn_func(), "cuda") or probe_linear("cuda")
+
+
+def probe_attention(flash_attn_func: Callable, device: str) -> str | None:
+    """One small FP8 attention call against ``reference_fp8_attention``: a kernel that fails
+    or disagrees on this GPU (a wheel built for another torch, other descale semantics) is
+    found at load time, not inside the warm-up or a job. None when it agrees."""
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 256, 2, 128, generator=gen, device=device).bfloat16() for _ in range(3))
+        out = fp8_attention(q, k, v, flash_attn_func).float()
+        ref = reference_fp8_attention(q, k, v).float()
+        err = float((out - ref).norm() / ref.norm())
+    except Exception as exc:  # noqa: BLE001 - any failure means: not here
+        return f"FA3 FP8 attention failed here: {type(exc).__name__}: {str(exc)[:160]}"
+    return None if err < 0.05 else f"FA3 FP8 attention disagrees with its reference here (relative error {err:.3f})"
+
+
+def probe_linear(device: str) -> str | None:
+    """One small torchao float8 linear: torchao built for another torch fails here, not in a job."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        layer = torch.nn.Sequential(torch.nn.Linear(256, 256)).to(device, torch.bfloat16)
+        quantize_(layer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        with torch.inference_mode():
+            layer(torch.randn(64, 256, device=device, dtype=torch.bfloat16))
+    except Exception as exc:  # noqa: BLE001 - any failure means: not here
+        return f"torchao float8 linears failed here: {type(exc).__name__}: {str(exc)[:160]}"
+    return None
+
+
+# -- the transformer -------------------------------------------------------------------------------
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved pairs, as diffusers' ``WanAttnProcessor`` applies it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class FP8SelfAttnProcessor:
+    """Wan self-attention with FP8 attention; anything else goes to the original processor.
+
+    The projections, QK norms, rotary embedding and output projection are those of diffusers'
+    ``WanAttnProcessor``; only the attention call differs.
+    """
+
+    _attention_backend = None  # set by ``set_attention_backend``; this processor uses FA3 FP8
+    _parallel_config = None
+
+    def __init__(self, flash_attn_func: Callable, original: Any) -> None:
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        self.flash_attn_func = flash_attn_func
+        self.original = original
+        self.qkv_projections = _get_qkv_projections  # separate or fused QKV, as diffusers does it
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = self.qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        out = fp8_attention(query, key, value, self.flash_attn_func)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def self_attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every block's ``attn1`` (T2V and VACE blocks alike)."""
+    return [m for name, m in transformer.named_modules() if name.rsplit(".", 1)[-1] == "attn1"]
+
+
+def enable_fp8_attention(transformer: torch.nn.Module, flash_attn_func: Callable) -> int:
+    """Give every ``attn1`` the FP8 processor (idempotent); the number of modules changed."""
+    count = 0
+    for module in self_attention_modules(transformer):
+        if not isinstance(module.processor, FP8SelfAttnProcessor):
+            module.set_processor(FP8SelfAttnProcessor(flash_attn_func, module.processor))
+            count += 1
+    return count
+
+
+def disable_fp8_attention(transformer: torch.nn.Module) -> int:
+    """Put the original processors back; the number of modules restored."""
+    count = 0
+    for module in self_attention_modules(transformer):
+        if isinstance(module.processor, FP8SelfAttnProcessor):
+            module.set_processor(module.processor.original)
+            count += 1
+    return count
+
+
+def _block_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """A Linear inside a repeated block whose sizes float8 matmuls accept (multiples of 16)."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and fqn.split(".", 1)[0] in BLOCK_PREFIXES
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def quantize_block_linears(transformer: torch.nn.Module) -> int:
+    """torchao float8 (dynamic activations, per-row weights) for the blocks' linears; the count."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    count = sum(1 for fqn, m in transformer.named_modules() if _block_linear(m, fqn))
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_block_linear)
+    return count

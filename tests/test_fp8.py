@@ -1,0 +1,220 @@
+"""PRECISION=fp8: the quantization math of the FP8 attention path (pure torch, CPU), the
+processor's plumbing on a small Wan transformer, and the visible bf16 fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_settings, tiny_worker
+
+from wan_worker import accel, fp8
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA on (B, S, H, D) tensors."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def qkv(seed: int = 0, b: int = 2, s: int = 256, h: int = 3, d: int = 64, key_offset: float = 0.0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, s, h, d, generator=gen) for _ in range(3))
+    # keys of trained models carry a large per-channel offset, the same for every token
+    k = k + key_offset * torch.randn(b, 1, h, d, generator=gen)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def test_per_head_scales_use_the_whole_fp8_range():
+    q, _, _ = qkv()
+    q[1, :, 2] *= 50  # one (batch, head) slice far larger than the rest
+    q8, descale = fp8.quantize_per_head(q)
+    assert q8.dtype == torch.float8_e4m3fn and q8.shape == q.shape
+    assert descale.dtype == torch.float32 and descale.shape == (2, 3)
+    amax = q.float().abs().amax(dim=(1, 3))
+    torch.testing.assert_close(descale, amax / fp8.FP8_MAX)
+    assert torch.equal(q8.float().abs().amax(dim=(1, 3)), torch.full((2, 3), fp8.FP8_MAX))
+    back = fp8.dequantize(q8, descale)
+    # e4m3 keeps 3 mantissa bits: each element within 1/16 of itself (or of the smallest normal)
+    err = (back - q.float()).abs()
+    assert bool((err <= q.float().abs() / 16 + descale[:, None, :, None] * 2**-6).all())
+    assert rel_err(back, q) < 0.04
+    # the large slice did not coarsen the others (per-head, not per-tensor, scales)
+    assert rel_err(back[0], q[0]) < 0.04
+
+
+def test_key_smoothing_is_exact_for_softmax_attention():
+    q, k, v = (t.double() for t in qkv(key_offset=8.0))
+    smoothed = fp8.smooth_keys(k)
+    assert smoothed.mean(dim=1).abs().max() < 1e-10
+    torch.testing.assert_close(attention(q, smoothed, v), attention(q, k, v), rtol=1e-9, atol=1e-9)
+
+
+def test_fp8_attention_matches_bf16_sdpa_and_smoothing_helps():
+    q, k, v = qkv(seed=1, key_offset=8.0)
+    exact = attention(q.float(), k.float(), v.float())
+    bf16 = attention(q, k, v)
+    ours = fp8.reference_fp8_attention(q, k, v)
+    assert ours.dtype == torch.bfloat16 and ours.shape == q.shape
+    assert rel_err(bf16, exact) < 0.01
+    smoothed_err = rel_err(ours, exact)
+    assert smoothed_err < 0.06, smoothed_err
+
+    # the same path without smoothing: K's offset sets its scale, the signal loses its bits
+    q8, qd = fp8.quantize_per_head(q)
+    k8, kd = fp8.quantize_per_head(k)
+    v8, vd = fp8.quantize_per_head(v)
+    unsmoothed = attention(fp8.dequantize(q8, qd), fp8.dequantize(k8, kd), fp8.dequantize(v8, vd))
+    assert smoothed_err < rel_err(unsmoothed, exact) / 1.5
+
+
+def reference_flash_attn_func(calls: list):
+    """FA3's FP8 contract in plain torch: float8 (B, S, H, D) inputs, float32 (B, H) descales,
+    bf16 out. It records what it was given, so the test sees what the processor passes."""
+
+    def flash_attn_func(q, k, v, softmax_scale=None, q_descale=None, k_descale=None, v_descale=None):
+        calls.append({"dtypes": {q.dtype, k.dtype, v.dtype}, "descale": (q_descale.dtype, tuple(q_descale.shape))})
+        qf, kf, vf = (fp8.dequantize(x, d) for x, d in ((q, q_descale), (k, k_descale), (v, v_descale)))
+        out = F.scaled_dot_product_attention(
+            qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), scale=softmax_scale
+        )
+        return out.transpose(1, 2).to(torch.bfloat16)
+
+    return flash_attn_func
+
+
+def small_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 3, 16, 16, generator=gen),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
+        return_dict=False,
+    )
+    return model, inputs
+
+
+def test_processor_replaces_only_self_attention_and_is_removable():
+    model, inputs = small_wan()
+    with torch.inference_mode():
+        before = model(**inputs)[0]
+    calls: list = []
+    assert fp8.enable_fp8_attention(model, reference_flash_attn_func(calls)) == 2
+    assert fp8.enable_fp8_attention(model, reference_flash_attn_func(calls)) == 0  # idempotent
+    for block in model.blocks:
+        assert isinstance(block.attn1.processor, fp8.FP8SelfAttnProcessor)
+        assert not isinstance(block.attn2.processor, fp8.FP8SelfAttnProcessor)  # cross-attention stays
+    with torch.inference_mode():
+        quantized = model(**inputs)[0]
+    assert len(calls) == 2  # one FP8 call per block: self-attention only
+    assert calls[0]["dtypes"] == {torch.float8_e4m3fn} and calls[0]["descale"] == (torch.float32, (1, 2))
+    assert torch.isfinite(quantized).all()
+    assert rel_err(quantized, before) < 0.05
+    assert not torch.equal(quantized, before)
+
+    assert fp8.disable_fp8_attention(model) == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**inputs)[0], before)
+
+
+def test_fp8_falls_back_to_bf16_visibly(tiny_models, monkeypatch, caplog):
+    # an earlier bf16 worker in this process (as in this test session) must not hide the fallback
+    monkeypatch.setitem(accel.REPORT, "precision", {"requested": "bf16", "applied": "bf16"})
+    monkeypatch.delitem(accel.REPORT, "transformers", raising=False)
+    worker = tiny_worker(tiny_models, precision="fp8")
+    assert accel.precision_status(worker.settings) == {"requested": "fp8", "applied": None}
+    with caplog.at_level(logging.WARNING, logger="wan_worker.accel"):
+        worker.manager.pipeline("t2v")
+        worker.manager.pipeline("vace")  # a second transformer: no second warning
+    warnings = [r for r in caplog.records if "PRECISION=fp8" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].reason == "no CUDA device"
+    status = worker.handle({"id": "h", "input": {"action": "health"}}, send=lambda p: None)["precision"]
+    assert status == {"requested": "fp8", "applied": "bf16", "reason": "no CUDA device"}
+    assert {t["precision"] for t in accel.REPORT["transformers"]} == {"bf16"}
+    for module in fp8.self_attention_modules(worker.manager.pipeline("t2v").transformer):
+        assert not isinstance(module.processor, fp8.FP8SelfAttnProcessor)
+
+
+def test_unavailable_reason_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA L40S")
+    assert "Hopper" in fp8.unavailable_reason() and "L40S" in fp8.unavailable_reason()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: None)
+    assert "fa3-fwd" in fp8.unavailable_reason()
+
+
+def test_attention_probe_accepts_the_contract_and_names_a_failure():
+    calls: list = []
+    assert fp8.probe_attention(reference_flash_attn_func(calls), "cpu") is None
+    assert calls and calls[0]["descale"] == (torch.float32, (1, 2))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    assert "no kernel image" in fp8.probe_attention(broken, "cpu")
+
+    def wrong_scale(q, k, v, softmax_scale=None, **descales):  # ignores the descales
+        return reference_flash_attn_func([])(q, k, v, softmax_scale, *(torch.ones_like(descales["q_descale"]),) * 3)
+
+    assert "disagrees" in fp8.probe_attention(wrong_scale, "cpu")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_compile_artifacts_are_skipped_without_cuda(tmp_path, tiny_models, precision):
+    settings = tiny_settings(tiny_models, precision=precision, compile_cache_dir=tmp_path)
+    assert accel.compile_artifacts_path(settings) is None
+    assert accel.load_compile_artifacts(settings) == {"loaded": False}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_step_cache_works_with_the_fp8_processor():
+    model, inputs = small_wan()
+    calls: list = []
+    fp8.enable_fp8_attention(model, reference_flash_attn_func(calls))
+    with torch.inference_mode(), accel.step_cache(model, 0.08), model.cache_context("cond"):
+        first = model(**inputs)[0]
+        full = len(calls)
+        second = model(**inputs)[0]  # same input: the first block's output is unchanged
+    assert full == 2
+    assert len(calls) == full + 1  # only the first block ran; the rest came from the cache
+    torch.testing.assert_close(second, first)
+
+
+def test_a_failing_fp8_set_up_leaves_the_transformer_bf16_and_says_so(tiny_models, monkeypatch):
+    monkeypatch.delitem(accel.REPORT, "precision", raising=False)
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)  # as on a Hopper GPU with both wheels
+    monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: reference_flash_attn_func([]))
+
+    def broken(transformer):
+        raise RuntimeError("torchao built for another torch")
+
+    monkeypatch.setattr(fp8, "quantize_block_linears", broken)
+    worker = tiny_worker(tiny_models, precision="fp8")
+    transformer = worker.manager.pipeline("t2v").transformer
+    status = accel.precision_status(worker.settings)
+    assert status["applied"] == "bf16" and "torchao built for another torch" in status["reason"]
+    assert all(not isinstance(m.processor, fp8.FP8SelfAttnProcessor) for m in fp8.self_attention_modules(transformer))
