@@ -223,10 +223,14 @@ def disable_fp8_attention(transformer: torch.nn.Module) -> int:
 
 
 def _block_linear(module: torch.nn.Module, fqn: str) -> bool:
-    """A Linear inside a repeated block whose sizes float8 matmuls accept (multiples of 16)."""
+    """A Linear inside a repeated block whose sizes float8 matmuls accept (multiples of 16).
+
+    LoRA slot weights (``lora_A``/``lora_B``) stay bf16: jobs hot-swap new values into them.
+    """
     return (
         isinstance(module, torch.nn.Linear)
         and fqn.split(".", 1)[0] in BLOCK_PREFIXES
+        and ".lora_" not in fqn
         and module.in_features % 16 == 0
         and module.out_features % 16 == 0
     )
