@@ -175,6 +175,18 @@ def test_colour_match_and_crossfade_remove_a_colour_jump():
     assert naive.report()[1] > 3.0 > stitched.report()[1]
 
 
+def test_video_stream_appends_segments_into_one_mp4(tmp_path):
+    from wan_worker.media import VideoStream
+
+    stream = VideoStream(tmp_path / "0.mp4", 12)
+    for shade in (0.2, 0.5, 0.8):  # float segments and uint8 ones alike
+        stream.append(np.full((4, 64, 64, 3), shade, np.float32))
+    stream.append(np.full((2, 64, 64, 3), 255, np.uint8))
+    stream.close()
+    info = probe_video((tmp_path / "0.mp4").read_bytes(), tmp_path)
+    assert (stream.frames, info.frames, info.fps, info.faststart) == (14, 14, 12.0, True)
+
+
 # -- jobs --------------------------------------------------------------------------------------
 
 
