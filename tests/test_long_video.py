@@ -86,7 +86,7 @@ def is_color(image, rgb, tol=40) -> bool:
 @pytest.mark.parametrize("max_frames", [9, 17, 33, 81])
 def test_plan_makes_exactly_the_requested_frames(max_frames):
     for overlap in range(4, 41):
-        for total in range(max_frames + 1, 24 * 60 + 2, 7 if max_frames < 33 else 3):
+        for total in range(max_frames + 1, 24 * 60 + 2, 11 if max_frames < 81 else 5):
             if max_frames < overlap + 1 + (-overlap) % 4:  # no room for K + 1 frames on the 4k+1 grid
                 with pytest.raises(ValueError):
                     plan_segments(total, overlap, max_frames)
