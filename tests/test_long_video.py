@@ -86,7 +86,7 @@ def is_color(image, rgb, tol=40) -> bool:
 @pytest.mark.parametrize("max_frames", [9, 17, 33, 81])
 def test_plan_makes_exactly_the_requested_frames(max_frames):
     for overlap in range(4, 41):
-        for total in range(max_frames + 1, 24 * 60 + 2, 7 if max_frames < 33 else 3):
+        for total in range(max_frames + 1, 24 * 60 + 2, 11 if max_frames < 81 else 5):
             if max_frames < overlap + 1 + (-overlap) % 4:  # no room for K + 1 frames on the 4k+1 grid
                 with pytest.raises(ValueError):
                     plan_segments(total, overlap, max_frames)
@@ -173,6 +173,18 @@ def test_colour_match_and_crossfade_remove_a_colour_jump():
     stitched.mark_seam(8, 4)
     stitched.add(to_uint8(second))
     assert naive.report()[1] > 3.0 > stitched.report()[1]
+
+
+def test_video_stream_appends_segments_into_one_mp4(tmp_path):
+    from wan_worker.media import VideoStream
+
+    stream = VideoStream(tmp_path / "0.mp4", 12)
+    for shade in (0.2, 0.5, 0.8):  # float segments and uint8 ones alike
+        stream.append(np.full((4, 64, 64, 3), shade, np.float32))
+    stream.append(np.full((2, 64, 64, 3), 255, np.uint8))
+    stream.close()
+    info = probe_video((tmp_path / "0.mp4").read_bytes(), tmp_path)
+    assert (stream.frames, info.frames, info.fps, info.faststart) == (14, 14, 12.0, True)
 
 
 # -- jobs --------------------------------------------------------------------------------------
