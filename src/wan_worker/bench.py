@@ -4,7 +4,8 @@ It runs the worker's real job path, stage by stage, on random weights of the rea
 architectures (random weights cost exactly what trained weights cost per step):
 
 * **write_models** - Wan2.1-T2V-1.3B (full transformer, UMT5-XXL-shaped encoder, default
-  VAE), the Wan2.1-VACE-1.3B transformer and a Qwen2.5-7B-shaped model, saved with
+  VAE), the Wan2.1-VACE-1.3B transformer, the FastWan2.1-T2V-1.3B (turbo) transformer with its
+  sparse-attention gate weights, and a Qwen2.5-7B-shaped model, saved with
   ``save_pretrained`` as safetensors under ``MODELS_DIR/<repo name>`` (what ``ModelLocator``
   resolves). ``--tiny`` uses the tiny profile's checkpoints instead.
 * **cold_start** (``coldstart``) - a fresh process: imports, ``Worker``, model load from disk
@@ -26,8 +27,22 @@ architectures (random weights cost exactly what trained weights cost per step):
 * **residency** - a fresh process capped at 48 GB of the card runs all eight job types and
   every reference mode under ``GPU_MEMORY_BUDGET_GB=44``; peak allocated memory per job.
 * **scaling** - transformer forward and attention time at 17/33/49/81 frames and 720p.
+* **turbo** - ``quality: "turbo"`` on the warm worker: a video and an image end to end, median
+  of ``--turbo-runs``, stage times from the job's ``metadata.timings``, and the speed-up over the
+  same run's uncached ``video_fast``.
+* **turbo_residency** - a fresh process capped like ``residency`` with T2V, VACE, turbo, UMT5
+  (and Qwen when written) all loaded; turbo, ``video_fast`` and VACE jobs, peak memory per job.
+* **lora** - a warm compiled worker of its own, started with ``LORA_DIR`` holding two rank-32
+  LoRAs on every linear of the real layer shapes: first use, a switch between cached LoRAs,
+  per-step overhead with vs without a LoRA, and graphs compiled after warm-up.
+* **long** - 15 s and 60 s videos (``duration_seconds``, VACE-continued segments) at ``fast``
+  (``--long-steps``) and ``turbo``: total, per-segment time, peak VRAM, host RSS growth, and
+  whether per-segment time, VRAM and RSS stay flat from 15 s to 60 s.
 * **fp8** - the same-seed ``video_fast`` job in bf16 and ``PRECISION=fp8``, each in a fresh
   process: end to end, per forward, warm-up compile time, PSNR of fp8 vs bf16 frames.
+
+A plain ``--tiny`` (CI) leaves out fp8, turbo, turbo_residency, lora and long; ``--sections``
+runs them on the tiny profile too.
 
 ``versions`` records the stack the run used (python, torch, CUDA, triton, diffusers,
 transformers, fa3-fwd, torchao, the GPU) and ``as_shipped``: whether it is exactly the image's
