@@ -1402,7 +1402,8 @@ class Bench:
         time, time per segment, peak VRAM and host RSS growth per duration and quality, and
         whether time per segment, VRAM and RSS stay flat as the video gets longer."""
         # --tiny: short segments, so a few seconds at 12 fps make several of them on a CPU
-        worker, res = self._warm_worker(segment_frames=17) if self.tiny else self._warm_worker()
+        tiny = dict(segment_frames=13, single_pass_max_frames=13)
+        worker, res = self._warm_worker(**tiny) if self.tiny else self._warm_worker()
         durations = [float(d) for d in self.args.long_durations.split(",") if d]
         qualities = [q for q in self.args.long_qualities.split(",") if q]
         fps = 12 if self.tiny else 16
@@ -2107,7 +2108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--long-steps", type=int, default=8, help="long: steps of the fast-quality segments (turbo runs its 3)"
     )
-    p.add_argument("--long-durations", default="15,60", help="long: durations in seconds (--tiny: 2,4)")
+    p.add_argument("--long-durations", default="15,60", help="long: durations in seconds (--tiny: 2,3)")
     p.add_argument("--long-qualities", default="fast,turbo", help="long: qualities to run (comma list)")
     p.add_argument(
         "--child",
@@ -2117,7 +2118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     aliases = {"coldstart": "cold_start"}
     if args.tiny and args.long_durations == "15,60":
-        args.long_durations = "2,4"
+        args.long_durations = "2,3"
     args.section_order = [aliases.get(s.strip(), s.strip()) for s in args.sections.split(",") if s.strip()]
     args.sections = set(args.section_order)
     args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
