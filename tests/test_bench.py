@@ -119,3 +119,48 @@ def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
     assert summary["1_video_fast_uncached_end_to_end_s"] == uncached["total_s"]
     assert summary["fidelity_psnr_vs_reference_db"] == uncached["psnr_vs_reference_db"]
     assert "residency_peak_gib" in summary and "qwen_decode_tok_s" in summary
+
+
+def test_tiny_bench_turbo_section(tiny_models, tmp_path):
+    """The turbo section (skipped by a plain ``--tiny``): distilled video and image jobs end to
+    end through ``Worker.handle``, their stage times, and the ``video_fast`` run it compares with."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wan_worker.bench",
+            "--tiny",
+            "--s3",
+            "none",
+            "--sections",
+            "turbo",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--tiny-models-dir",
+            str(tiny_models),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["sections"]) == ["turbo"]
+    turbo = result["sections"]["turbo"]
+    assert "error" not in turbo, turbo.get("traceback")
+    for kind, frames in (("video", 9), ("image", 1)):
+        row = turbo[kind]
+        assert row["completed"] == row["runs"] == 1, row
+        assert row["steps"] == 3 and row["shape"]["frames"] == frames  # turbo's distilled schedule
+        assert positive(row["total_s"]) and row["total_s"] >= row["stages_s"]["denoising"] > 0
+        assert {"text_encoding", "denoising", "vae_decode", "encoding", "uploading"} <= set(row["stages_s"])
+    assert turbo["video_fast"]["status"] == "completed" and turbo["video_fast"]["source"] == "run here"
+    assert turbo["speedup_vs_video_fast"] == round(turbo["video_fast"]["total_s"] / turbo["video"]["total_s"], 2)
+    summary = result["summary"]
+    assert summary["8_turbo_video_end_to_end_s"] == turbo["video"]["total_s"]
+    assert summary["8_turbo_image_end_to_end_s"] == turbo["image"]["total_s"]

@@ -4,7 +4,8 @@ It runs the worker's real job path, stage by stage, on random weights of the rea
 architectures (random weights cost exactly what trained weights cost per step):
 
 * **write_models** - Wan2.1-T2V-1.3B (full transformer, UMT5-XXL-shaped encoder, default
-  VAE), the Wan2.1-VACE-1.3B transformer and a Qwen2.5-7B-shaped model, saved with
+  VAE), the Wan2.1-VACE-1.3B transformer, the FastWan2.1-T2V-1.3B (turbo) transformer with its
+  sparse-attention gate weights, and a Qwen2.5-7B-shaped model, saved with
   ``save_pretrained`` as safetensors under ``MODELS_DIR/<repo name>`` (what ``ModelLocator``
   resolves). ``--tiny`` uses the tiny profile's checkpoints instead.
 * **cold_start** (``coldstart``) - a fresh process: imports, ``Worker``, model load from disk
@@ -26,8 +27,22 @@ architectures (random weights cost exactly what trained weights cost per step):
 * **residency** - a fresh process capped at 48 GB of the card runs all eight job types and
   every reference mode under ``GPU_MEMORY_BUDGET_GB=44``; peak allocated memory per job.
 * **scaling** - transformer forward and attention time at 17/33/49/81 frames and 720p.
+* **turbo** - ``quality: "turbo"`` on the warm worker: a video and an image end to end, median
+  of ``--turbo-runs``, stage times from the job's ``metadata.timings``, and the speed-up over the
+  same run's uncached ``video_fast``.
+* **turbo_residency** - a fresh process capped like ``residency`` with T2V, VACE, turbo, UMT5
+  (and Qwen when written) all loaded; turbo, ``video_fast`` and VACE jobs, peak memory per job.
+* **lora** - a warm compiled worker of its own, started with ``LORA_DIR`` holding two rank-32
+  LoRAs on every linear of the real layer shapes: first use, a switch between cached LoRAs,
+  per-step overhead with vs without a LoRA, and graphs compiled after warm-up.
+* **long** - 15 s and 60 s videos (``duration_seconds``, VACE-continued segments) at ``fast``
+  (``--long-steps``) and ``turbo``: total, per-segment time, peak VRAM, host RSS growth, and
+  whether per-segment time, VRAM and RSS stay flat from 15 s to 60 s.
 * **fp8** - the same-seed ``video_fast`` job in bf16 and ``PRECISION=fp8``, each in a fresh
   process: end to end, per forward, warm-up compile time, PSNR of fp8 vs bf16 frames.
+
+A plain ``--tiny`` (CI) leaves out fp8, turbo, turbo_residency, lora and long; ``--sections``
+runs them on the tiny profile too.
 
 ``versions`` records the stack the run used (python, torch, CUDA, triton, diffusers,
 transformers, fa3-fwd, torchao, the GPU) and ``as_shipped``: whether it is exactly the image's
@@ -63,11 +78,13 @@ import numpy as np
 from .local_s3 import S3Server, find_weed, start_s3
 
 GiB = 1024**3
-T2V_REPO, VACE_REPO, QWEN_REPO = (
+T2V_REPO, VACE_REPO, QWEN_REPO, TURBO_REPO = (
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "Wan-AI/Wan2.1-VACE-1.3B-diffusers",
     "Qwen/Qwen2.5-7B",
+    "FastVideo/FastWan2.1-T2V-1.3B-Diffusers",
 )
+FULL_MODELS = ("t2v", "vace", "qwen", "turbo")
 
 #: The real architectures (Wan2.1-T2V-1.3B, UMT5-XXL encoder, Wan2.1-VACE-1.3B, Qwen2.5-7B).
 WAN_TRANSFORMER = dict(
@@ -326,7 +343,7 @@ def _build_on(device: str, dtype):
         torch.set_default_dtype(old)
 
 
-def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace", "qwen")) -> dict[str, Any]:
+def write_full_models(models_dir: Path, which: tuple[str, ...] = FULL_MODELS) -> dict[str, Any]:
     """Random weights of the real architectures, saved as the real checkpoints are laid out."""
     import torch
 
@@ -337,6 +354,7 @@ def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace",
         "t2v": models_dir / Path(T2V_REPO).name,
         "vace": models_dir / Path(VACE_REPO).name,
         "qwen": models_dir / Path(QWEN_REPO).name,
+        "turbo": models_dir / Path(TURBO_REPO).name,
     }
     for name in which:
         target = targets[name]
@@ -374,6 +392,8 @@ def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace",
                 json.dumps({"_class_name": "WanVACEPipeline", "note": "bench: transformer only"})
             )
             del transformer
+        elif name == "turbo":
+            _write_turbo(target, device)
         else:
             from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -395,6 +415,53 @@ def write_full_models(models_dir: Path, which: tuple[str, ...] = ("t2v", "vace",
             "gib_on_disk": r(_dir_bytes(target) / GiB, 2),
         }
     return report
+
+
+def _write_turbo(target: Path, device: str) -> None:
+    """The distilled checkpoint as the worker reads it: the dense Wan 1.3B transformer plus the
+    sparse-attention gate (``attn1.to_gate_compress``) the real file carries and the worker skips.
+    No ``text_encoder``/``vae`` configs: the worker then takes them as the base model's."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(1)
+    with _build_on(device, torch.bfloat16):
+        transformer = WanTransformer3DModel(**WAN_TRANSFORMER)
+    transformer.save_pretrained(target / "transformer", max_shard_size="100GB")
+    del transformer
+    weights_file = target / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    inner = WAN_TRANSFORMER["num_attention_heads"] * WAN_TRANSFORMER["attention_head_dim"]
+    for block in range(WAN_TRANSFORMER["num_layers"]):
+        weights[f"blocks.{block}.attn1.to_gate_compress.weight"] = (
+            torch.randn(inner, inner, dtype=torch.bfloat16) * 0.02
+        )
+        weights[f"blocks.{block}.attn1.to_gate_compress.bias"] = torch.zeros(inner, dtype=torch.bfloat16)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    (target / "model_index.json").write_text(
+        json.dumps({"_class_name": "WanPipeline", "note": "bench: transformer only (shares UMT5 and VAE)"})
+    )
+
+
+def write_lora(path: Path, *, dim: int, ffn: int, layers: int, rank: int, seed: int) -> int:
+    """A PEFT/diffusers-format LoRA on every linear of every block (attention q/k/v/out of
+    self- and cross-attention, both FFN projections) at the given shapes; returns its bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    shapes = {f"{a}.{p}": (dim, dim) for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    shapes |= {"ffn.net.0.proj": (dim, ffn), "ffn.net.2": (ffn, dim)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        for module, (n_in, n_out) in shapes.items():
+            base = f"transformer.blocks.{i}.{module}"
+            tensors[f"{base}.lora_A.weight"] = (torch.randn(rank, n_in, generator=g) / n_in**0.5).to(torch.bfloat16)
+            tensors[f"{base}.lora_B.weight"] = (torch.randn(n_out, rank, generator=g) * 0.01).to(torch.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path.stat().st_size
 
 
 def _dir_bytes(path: Path) -> int:
@@ -464,8 +531,9 @@ def instrumented(worker, clock: StepClock, captured: dict):
         worker.generator.encode_prompt = real_encode_prompt
 
 
-def run_job(worker, job: dict, clock: StepClock | None = None) -> dict[str, Any]:
-    """``Worker.handle`` on one job, with stage and per-step timings and the decoded frames."""
+def run_job(worker, job: dict, clock: StepClock | None = None, keep_metadata: bool = False) -> dict[str, Any]:
+    """``Worker.handle`` on one job, with stage and per-step timings and the decoded frames
+    (and the job's whole ``metadata`` with ``keep_metadata``)."""
     clock = clock or StepClock()
     captured: dict[str, Any] = {}
     sent: list = []
@@ -496,6 +564,8 @@ def run_job(worker, job: dict, clock: StepClock | None = None) -> dict[str, Any]
     }
     if result["status"] != "completed":
         result["output"] = {k: v for k, v in output.items() if k not in ("assets",)}
+    if keep_metadata:
+        result["metadata"] = meta
     result["_frames"] = captured.get("frames")
     return result
 
@@ -516,6 +586,51 @@ def bench_job(width: int, height: int, frames: int, steps: int, **extra) -> dict
     }
     job.update(extra)
     return job
+
+
+class RssSampler:
+    """The process' resident set size before a block and its peak during it (sampled every
+    50 ms; the kernel's own high-water mark can't be reset per job)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import psutil
+
+        self._proc, self.interval = psutil.Process(), interval
+        self.before = self.peak = 0
+        self._stop = None
+
+    def __enter__(self) -> RssSampler:
+        import threading
+
+        self.before = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _long_checks(short: dict[str, Any], long: dict[str, Any]) -> dict[str, Any]:
+    """Does a longer video cost the same per segment, the same VRAM and no more host memory?"""
+    out: dict[str, Any] = {}
+    if short.get("per_segment_s") and long.get("per_segment_s"):
+        ratio = long["per_segment_s"] / short["per_segment_s"]
+        out.update(segment_time_ratio=r(ratio, 3), segment_time_linear=abs(ratio - 1) <= 0.10)
+    if short.get("peak_vram_gib") is not None and long.get("peak_vram_gib") is not None:
+        grows = long["peak_vram_gib"] - short["peak_vram_gib"]
+        out.update(vram_growth_gib=r(grows, 2), vram_flat=grows <= 1.0)
+    if short.get("rss_growth_gib") is not None and long.get("rss_growth_gib") is not None:
+        grows = long["rss_before_gib"] + long["rss_growth_gib"] - short["rss_before_gib"]
+        out.update(rss_growth_short_to_long_gib=r(grows, 3), rss_ok=grows < 2.0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,12 +744,17 @@ class Bench:
             "qwen",
             "residency",
             "scaling",
+            "turbo",
+            "turbo_residency",
+            "lora",
+            "long",
             "fp8",
         ]
         if self.args.s3 != "weed":
             order.remove("s3_server")
-        if self.tiny and "fp8" not in self.args.sections:  # two more worker processes: only when asked for
-            order.remove("fp8")
+        if self.tiny and not self.args.sections:  # more workers and jobs: in CI only when asked for
+            for name in ("fp8", "turbo", "turbo_residency", "lora", "long"):
+                order.remove(name)
         if self.args.sections:  # the caller's order, so the most wanted numbers come first
             order = [n for n in self.args.section_order if n in order]
         for name in order:
@@ -655,7 +775,7 @@ class Bench:
             started = now()
             ensure_tiny_models(self.tiny_dir)
             return {"profile": "tiny", "seconds": r(now() - started, 1)}
-        which = tuple(w for w in ("t2v", "vace", "qwen") if w in self.args.models)
+        which = tuple(w for w in FULL_MODELS if w in self.args.models)
         return write_full_models(self.models_dir, which)
 
     def start_s3(self) -> dict[str, Any]:
@@ -1095,6 +1215,257 @@ class Bench:
         self._worker = worker
         return res
 
+    # -- turbo, LoRAs, long videos ------------------------------------------------------------
+
+    def _warm_worker(self, **overrides) -> tuple[Any, dict[str, Any]]:
+        """The worker section's warm worker when it ran (and no override asks for another),
+        else a new one: models loaded and the default shape compiled, as WARMUP_ON_START does."""
+        from .worker import Worker
+
+        if not overrides and getattr(self, "_worker", None) is not None:
+            return self._worker, {"worker": "the worker section's (warm)"}
+        started = now()
+        worker = Worker(self.settings(**overrides))
+        worker.manager.encoder_pipe()
+        info: dict[str, Any] = {"worker": "new", "load_s": r(now() - started, 2)}
+        t = now()
+        worker.manager.warm_up(self.width, self.height, self.frames)
+        info["warm_compile_s"] = r(now() - t, 2)
+        if not overrides:
+            self._worker = worker
+        return worker, info
+
+    def turbo_job(self, kind: str, **extra) -> dict[str, Any]:
+        """``quality: "turbo"`` (its distilled 3 steps, no CFG) at the benchmark shape."""
+        job: dict[str, Any] = {
+            "job_type": f"{kind}_fast",
+            "quality": "turbo",
+            "prompt": PROMPT,
+            "seed": SEED,
+            "width": self.width,
+            "height": self.height,
+            "user_id": "bench",
+        }
+        if kind == "video":
+            job["frame_num"] = self.frames
+        job.update(extra)
+        return job
+
+    def _median_runs(self, worker, make_job, runs: int) -> dict[str, Any]:
+        """``runs`` jobs end to end (job start to uploaded assets); the median total and the
+        median of each stage of the jobs' ``metadata.timings``."""
+        rows = []
+        for i in range(runs):
+            row = run_job(worker, make_job(i))
+            row.pop("_frames", None)
+            rows.append(row)
+        done = [row for row in rows if row["status"] == "completed"]
+        out: dict[str, Any] = {"runs": len(rows), "completed": len(done)}
+        if len(done) < len(rows):
+            out["failed"] = next(row for row in rows if row["status"] != "completed")
+        if not done:
+            return out
+        stages = sorted({k for row in done for k in (row.get("worker_timings") or {})})
+        out.update(
+            total_s=r(float(np.median([row["total_s"] for row in done]))),
+            totals_s=[row["total_s"] for row in done],
+            stages_s={
+                k: r(float(np.median([(row["worker_timings"] or {}).get(k, 0.0) for row in done]))) for k in stages
+            },
+            steps=done[0]["steps"],
+            step_median_s=r(float(np.median([row["step_median_s"] for row in done if row["step_median_s"]])), 4)
+            if any(row["step_median_s"] for row in done)
+            else None,
+            peak_vram_gib=max((row["peak_vram_gib"] or 0.0) for row in done) or None,
+        )
+        return out
+
+    def turbo(self) -> dict[str, Any]:
+        """``quality: "turbo"`` on the warm worker: a video and an image at the benchmark shape,
+        median of N end-to-end runs after one warm-up job each (its transformer compiles on first
+        use), and the same run's uncached ``video_fast`` for the speed-up."""
+        worker, res = self._warm_worker()
+        runs = 1 if self.tiny else self.args.turbo_runs
+        for kind in ("video", "image"):
+            t = now()
+            first = run_job(worker, self.turbo_job(kind, id=f"turbo-{kind}-first"))
+            first.pop("_frames", None)
+            res[f"{kind}_first_job"] = {k: first.get(k) for k in ("status", "error", "total_s", "output")}
+            res[f"{kind}_first_job"]["seconds"] = r(now() - t)
+            res[kind] = self._median_runs(worker, lambda i, k=kind: self.turbo_job(k, id=f"turbo-{k}-{i}"), runs)
+        res["video"]["shape"] = {"frames": self.frames, "height": self.height, "width": self.width}
+        res["image"]["shape"] = {"frames": 1, "height": self.height, "width": self.width}
+        fast = (self.result["sections"].get("worker") or {}).get("uncached") or {}
+        if fast.get("status") == "completed":
+            res["video_fast"] = {"total_s": fast["total_s"], "source": "the worker section (same invocation)"}
+        else:
+            run = run_job(worker, self.job(id="turbo-vs-fast", step_cache="off"))
+            run.pop("_frames", None)
+            res["video_fast"] = {
+                "total_s": run["total_s"],
+                "status": run["status"],
+                "steps": run["steps"],
+                "source": "run here",
+            }
+        if res["video"].get("total_s") and res["video_fast"].get("total_s"):
+            res["speedup_vs_video_fast"] = r(res["video_fast"]["total_s"] / res["video"]["total_s"], 2)
+        res["targets"] = {"video_s": 4.0, "image_s": 0.6}
+        if not self.tiny:
+            res["meets_targets"] = {
+                "video": (res["video"].get("total_s") or math.inf) <= 4.0,
+                "image": (res["image"].get("total_s") or math.inf) <= 0.6,
+            }
+        res["resident"] = worker.manager.memory_report()
+        return res
+
+    def turbo_residency(self) -> dict[str, Any]:
+        """Everything resident (T2V, VACE, turbo, UMT5; Qwen when written) in a fresh process
+        capped at ``--card-gb`` of the card, under ``GPU_MEMORY_BUDGET_GB=--budget-gib``."""
+        return self._budget_child("turbo_residency")
+
+    def lora(self) -> dict[str, Any]:
+        """Per-job LoRAs on a compiled warm worker of its own (``LORA_DIR`` must exist when the
+        models load: slots go in before compile; the main worker stays slot-free so the other
+        sections measure the worker as it runs without LoRAs). Two rank-``--lora-rank`` LoRAs on
+        every linear layer: first use, a switch between cached ones, the per-step overhead of a
+        LoRA against no LoRA, and the graphs compiled after warm-up (must be none)."""
+        import torch
+
+        lora_dir = self.work / "loras"
+        cfg = json.loads((self.t2v_dir() / "transformer" / "config.json").read_text())
+        dims = dict(
+            dim=cfg["num_attention_heads"] * cfg["attention_head_dim"], ffn=cfg["ffn_dim"], layers=cfg["num_layers"]
+        )
+        rank = self.args.lora_rank
+        sizes = {
+            name: write_lora(lora_dir / f"{name}.safetensors", **dims, rank=rank, seed=seed)
+            for seed, name in enumerate(("bench_a", "bench_b"), 1)
+        }
+        worker, res = self._warm_worker(lora_dir=lora_dir)
+        res.update(rank=rank, shapes=dims, file_bytes=sizes, slot_rank=worker.settings.max_lora_rank)
+        steps = 2 if self.tiny else self.args.lora_steps
+
+        def job(name: str | None, tag: str) -> dict[str, Any]:
+            extra = {"loras": [{"name": name, "scale": 1.0}]} if name else {}
+            run = run_job(worker, bench_job(self.width, self.height, self.frames, steps, id=f"lora-{tag}", **extra))
+            run.pop("_frames", None)
+            timings = run.get("worker_timings") or {}
+            denoising = timings.get("denoising")
+            return {
+                "status": run["status"],
+                "error": run.get("error"),
+                "total_s": run["total_s"],
+                "steps": run["steps"],
+                "step_median_s": run["step_median_s"],
+                "denoising_per_step_s": r(denoising / run["steps"], 4) if denoising and run["steps"] else None,
+                "lora_loading_s": r(timings.get("lora_loading")),
+                "lora_switch_s": r(timings.get("lora_switch"), 4),
+            }
+
+        res["warm_job"] = job(None, "warm")  # the job shape's remaining first-call costs
+        from torch._dynamo.utils import counters
+
+        graphs_before = counters["stats"]["unique_graphs"]
+        sequence = [
+            ("no_lora_1", None),
+            ("first_use_a", "bench_a"),
+            ("first_use_b", "bench_b"),
+            ("switch_to_a_cached", "bench_a"),
+            ("switch_to_b_cached", "bench_b"),
+            ("no_lora_2", None),
+        ]
+        runs = {tag: job(name, tag) for tag, name in sequence}
+        res["runs"] = runs
+        res["new_graphs_after_warmup"] = counters["stats"]["unique_graphs"] - graphs_before
+        res["compiled"] = bool(worker.settings.compile_transformer and torch.cuda.is_available())
+        first = runs["first_use_a"]
+        res["first_use_s"] = r((first["lora_loading_s"] or 0) + (first["lora_switch_s"] or 0))
+        switches = [runs[t]["lora_switch_s"] for t in ("switch_to_a_cached", "switch_to_b_cached")]
+        res["switch_cached_s"] = r(max(s for s in switches if s is not None), 4) if any(switches) else None
+        with_lora = [runs[t]["step_median_s"] for t, name in sequence if name and runs[t]["step_median_s"]]
+        without = [runs[t]["step_median_s"] for t, name in sequence if not name and runs[t]["step_median_s"]]
+        if with_lora and without:
+            base = float(np.median(without))
+            res["step_s"] = {"with_lora": r(float(np.median(with_lora)), 4), "without_lora": r(base, 4)}
+            res["per_step_overhead_pct"] = r(100 * (float(np.median(with_lora)) / base - 1), 2)
+        main = (self.result["sections"].get("worker") or {}).get("uncached") or {}
+        if main.get("step_median_s") and without:
+            # the slots' own cost when no LoRA is active: same shape, a worker without slots
+            res["slot_free_worker_step_s"] = main["step_median_s"]
+            res["slots_idle_overhead_pct"] = r(100 * (float(np.median(without)) / main["step_median_s"] - 1), 2)
+        res["targets"] = {"switch_s": 0.5, "per_step_overhead_pct": 5.0, "new_graphs_after_warmup": 0}
+        res["all_completed"] = all(v["status"] == "completed" for v in runs.values())
+        return res  # its worker goes with this frame
+
+    def long(self) -> dict[str, Any]:
+        """Long videos on the warm worker (``duration_seconds``, VACE-continued segments): total
+        time, time per segment, peak VRAM and host RSS growth per duration and quality, and
+        whether time per segment, VRAM and RSS stay flat as the video gets longer."""
+        # --tiny: short segments, so a few seconds at 12 fps make several of them on a CPU
+        tiny = dict(segment_frames=13, single_pass_max_frames=13)
+        worker, res = self._warm_worker(**tiny) if self.tiny else self._warm_worker()
+        durations = [float(d) for d in self.args.long_durations.split(",") if d]
+        qualities = [q for q in self.args.long_qualities.split(",") if q]
+        fps = 12 if self.tiny else 16
+        height, width = (256, 256) if self.tiny else (self.height, self.width)
+        steps = 2 if self.tiny else self.args.long_steps
+        res.update(fps=fps, height=height, width=width, durations_s=durations, fast_steps=steps)
+        for quality in qualities:
+            rows: dict[str, Any] = {}
+            for duration in durations:
+                job = {
+                    "job_type": "video_fast",
+                    "quality": quality,
+                    "prompt": PROMPT,
+                    "seed": SEED,
+                    "width": width,
+                    "height": height,
+                    "fps": fps,
+                    "duration_seconds": duration,
+                    "step_cache": "off",
+                    "user_id": "bench",
+                    "id": f"long-{quality}-{duration:g}",
+                }
+                if self.tiny:
+                    job["overlap_frames"] = 4
+                if quality != "turbo":  # turbo runs its 3 distilled steps; its VACE segments as many
+                    job["config"] = {"num_inference_steps": steps}
+                rows[f"{duration:g}s"] = self._long_run(worker, job)
+            res[quality] = rows
+            res[quality]["checks"] = _long_checks(rows[f"{durations[0]:g}s"], rows[f"{durations[-1]:g}s"])
+        res["targets"] = {"segment_time_ratio_within": 0.10, "vram_growth_gib_max": 1.0, "rss_growth_gib_max": 2.0}
+        return res
+
+    def _long_run(self, worker, job: dict) -> dict[str, Any]:
+        with RssSampler() as rss:
+            run = run_job(worker, job, keep_metadata=True)
+        run.pop("_frames", None)
+        out: dict[str, Any] = {
+            "status": run["status"],
+            "error": run.get("error"),
+            "total_s": run["total_s"],
+            "peak_vram_gib": run["peak_vram_gib"],
+            "rss_before_gib": r(rss.before / GiB, 2),
+            "rss_growth_gib": r((rss.peak - rss.before) / GiB, 3),
+            "timings": run.get("worker_timings"),
+        }
+        if run["status"] != "completed":
+            out["output"] = run.get("output")
+            return out
+        meta = run.get("metadata") or {}
+        segments = meta.get("segments") or []
+        out.update(
+            segments=len(segments),
+            segment_frames=[s["frames"] for s in segments],
+            segment_steps=[s["steps"] for s in segments],
+            segment_s=[r(sum(s["timings"].values())) for s in segments],
+            worker_peak_vram_gib=meta.get("peak_vram_gib"),
+        )
+        full = [t for s, t in zip(segments, out["segment_s"], strict=True) if s["frames"] == max(out["segment_frames"])]
+        later = full[1:] or full  # segment 1 runs the T2V (or turbo) model, the rest VACE
+        out["per_segment_s"] = r(float(np.median(later))) if later else None
+        return out
+
     def cpu_stages(self) -> dict[str, Any]:
         """MP4 + thumbnail + upload, per x264 preset, on the decoded frames and on natural footage."""
         from . import media
@@ -1240,6 +1611,10 @@ class Bench:
         return res  # the model goes with this frame (and the manager that holds it)
 
     def residency(self) -> dict[str, Any]:
+        return self._budget_child("residency")
+
+    def _budget_child(self, child: str) -> dict[str, Any]:
+        """A fresh process under the card cap and memory budget (clean peak statistics)."""
         import torch
 
         if not torch.cuda.is_available():
@@ -1250,7 +1625,7 @@ class Bench:
             "-m",
             "wan_worker.bench",
             "--child",
-            "residency",
+            child,
             "--card-gb",
             str(self.args.card_gb),
             "--residency-steps",
@@ -1362,7 +1737,46 @@ class Bench:
                     "7_fp8_speedup_forward": fp8.get("speedup_forward"),
                 }
             )
+        out.update(self._new_feature_summary(s))
         out["as_shipped"] = self.result.get("versions", {}).get("as_shipped")
+        return out
+
+    @staticmethod
+    def _new_feature_summary(s: dict[str, Any]) -> dict[str, Any]:
+        """Turbo, LoRA and long-video numbers (targets in the sections' ``targets``)."""
+        out: dict[str, Any] = {}
+        turbo = s.get("turbo", {})
+        if turbo:
+            out.update(
+                {
+                    "8_turbo_video_end_to_end_s": (turbo.get("video") or {}).get("total_s"),
+                    "8_turbo_image_end_to_end_s": (turbo.get("image") or {}).get("total_s"),
+                    "8_turbo_speedup_vs_video_fast": turbo.get("speedup_vs_video_fast"),
+                }
+            )
+        if s.get("turbo_residency"):
+            out["8_turbo_all_resident_peak_gib"] = s["turbo_residency"].get("overall_peak_gib")
+        lora = s.get("lora", {})
+        if lora:
+            out.update(
+                {
+                    "9_lora_first_use_s": lora.get("first_use_s"),
+                    "9_lora_switch_cached_s": lora.get("switch_cached_s"),
+                    "9_lora_per_step_overhead_pct": lora.get("per_step_overhead_pct"),
+                    "9_lora_new_graphs_after_warmup": lora.get("new_graphs_after_warmup"),
+                }
+            )
+        long = s.get("long", {})
+        for quality in ("fast", "turbo"):
+            rows = long.get(quality)
+            if not isinstance(rows, dict):
+                continue
+            for key, row in rows.items():
+                if key != "checks" and isinstance(row, dict):
+                    out[f"10_long_{quality}_{key}_total_s"] = row.get("total_s")
+                    out[f"10_long_{quality}_{key}_per_segment_s"] = row.get("per_segment_s")
+                    out[f"10_long_{quality}_{key}_peak_vram_gib"] = row.get("peak_vram_gib")
+            out[f"10_long_{quality}_checks"] = rows.get("checks")
         return out
 
 
@@ -1575,6 +1989,85 @@ def child_residency(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def child_turbo_residency(args: argparse.Namespace) -> dict[str, Any]:
+    """Every model resident at once (T2V, VACE, turbo, UMT5, and Qwen when its checkpoint is
+    there) under the card cap and budget; turbo, ``video_fast`` and VACE jobs, peak per job."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = min(1.0, args.card_gb * 1e9 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    from .worker import get_worker
+
+    worker = get_worker()
+    manager, s = worker.manager, worker.settings
+    load_s: dict[str, Any] = {}
+    for name in ("t2v", "vace", "turbo"):
+        t = now()
+        manager.pipeline(name)
+        load_s[name] = r(now() - t, 1)
+    manager.encoder_pipe()
+    if (Path(s.models_dir) / Path(s.qwen_model).name).is_dir():
+        t = now()
+        manager.qwen()
+        load_s["qwen"] = r(now() - t, 1)
+    after_load = {"allocated_gib": r(torch.cuda.memory_allocated() / GiB, 2), **manager.memory_report()}
+    w, h, frames = 480, 832, 81
+    steps = {"num_inference_steps": args.residency_steps}
+    base = {"prompt": PROMPT, "seed": SEED, "width": w, "height": h, "user_id": "bench"}
+    jobs = [
+        ("video_turbo", {"job_type": "video_fast", "quality": "turbo", "frame_num": frames}),
+        ("image_turbo", {"job_type": "image_fast", "quality": "turbo"}),
+        ("video_fast", {"job_type": "video_fast", "frame_num": frames, "config": dict(steps)}),
+        (
+            "video_fast+single",
+            {
+                "job_type": "video_fast",
+                "frame_num": frames,
+                "config": dict(steps),
+                "reference_mode": "single",
+                "reference_image_url": png_data_uri(w, h, (200, 40, 40)),
+                "strict_references": True,
+            },
+        ),
+        ("video_turbo_again", {"job_type": "video_fast", "quality": "turbo", "frame_num": frames}),
+    ]
+    rows, overall = [], 0.0
+    for name, spec in jobs:
+        torch.cuda.reset_peak_memory_stats()
+        t = now()
+        try:
+            out = worker.handle({"id": f"tres-{len(rows)}", "input": {**base, **spec}}, send=lambda p: None)
+        except Exception as exc:  # noqa: BLE001
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        peak = torch.cuda.max_memory_allocated() / GiB
+        overall = max(overall, peak)
+        rows.append(
+            {
+                "job": name,
+                "status": out.get("status", "failed"),
+                "error": out.get("error"),
+                "seconds": r(now() - t, 2),
+                "peak_gib": r(peak, 2),
+                "resident_after": manager.memory_report().get("resident"),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {
+        "cap_gb": args.card_gb,
+        "cap_fraction": round(fraction, 4),
+        "budget_gib": s.gpu_memory_budget_gb,
+        "steps_per_fast_job": args.residency_steps,
+        "load_s": load_s,
+        "after_load": after_load,
+        "overall_peak_gib": r(overall, 2),
+        "meets_44gib": overall <= 44.0,
+        "all_completed": all(row["status"] == "completed" for row in rows),
+        "jobs": rows,
+        "moves": [{"module": m.module, "to": m.to, "gib": r(m.nbytes / GiB, 2)} for m in manager.moves],
+    }
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -1585,7 +2078,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", help="scratch folder (default: a new temp folder)")
     p.add_argument("--models-dir", help="where the random-weight checkpoints are written / reused")
     p.add_argument("--tiny-models-dir", help="--tiny: reuse tiny checkpoints here (default: MODELS_DIR/tiny)")
-    p.add_argument("--models", default="t2v,vace,qwen", help="which full-size checkpoints to write")
+    p.add_argument(
+        "--models",
+        default=",".join(FULL_MODELS),
+        help=f"which full-size checkpoints to write ({','.join(FULL_MODELS)})",
+    )
     p.add_argument(
         "--sections",
         "--section",
@@ -1605,21 +2102,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-gib", type=float, default=44.0)
     p.add_argument("--card-gb", type=float, default=48.0)
     p.add_argument("--residency-steps", type=int, default=2)
-    p.add_argument("--child", choices=["cold_start", "residency", "precision_run"], help=argparse.SUPPRESS)
+    p.add_argument("--turbo-runs", type=int, default=3, help="turbo: end-to-end runs per job (median; 1 with --tiny)")
+    p.add_argument("--lora-rank", type=int, default=32, help="lora: rank of the two benchmark LoRAs")
+    p.add_argument("--lora-steps", type=int, default=10, help="lora: denoising steps of its video_fast jobs")
+    p.add_argument(
+        "--long-steps", type=int, default=8, help="long: steps of the fast-quality segments (turbo runs its 3)"
+    )
+    p.add_argument("--long-durations", default="15,60", help="long: durations in seconds (--tiny: 2,3)")
+    p.add_argument("--long-qualities", default="fast,turbo", help="long: qualities to run (comma list)")
+    p.add_argument(
+        "--child",
+        choices=["cold_start", "residency", "turbo_residency", "precision_run"],
+        help=argparse.SUPPRESS,
+    )
     args = p.parse_args(argv)
     aliases = {"coldstart": "cold_start"}
+    if args.tiny and args.long_durations == "15,60":
+        args.long_durations = "2,3"
     args.section_order = [aliases.get(s.strip(), s.strip()) for s in args.sections.split(",") if s.strip()]
     args.sections = set(args.section_order)
     args.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = sorted(set(args.models) - set(FULL_MODELS))
+    if unknown:
+        p.error(f"--models: unknown {', '.join(unknown)} (choose from {', '.join(FULL_MODELS)})")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        fn = {"cold_start": child_cold_start, "residency": child_residency, "precision_run": child_precision_run}[
-            args.child
-        ]
+        fn = {
+            "cold_start": child_cold_start,
+            "residency": child_residency,
+            "turbo_residency": child_turbo_residency,
+            "precision_run": child_precision_run,
+        }[args.child]
         print(json.dumps(fn(args), default=str), flush=True)
         return 0
     if args.tiny:
