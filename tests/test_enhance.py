@@ -221,7 +221,7 @@ def test_deferred_stop_check_is_enabled_for_cuda_only():
     """transformers reads the stop flag one step late on CUDA once enabled; CPU is unchanged."""
     from transformers.generation.utils import DeferredStopCheck
 
-    from wan_worker.accel import defer_stop_check_on_cuda
+    from wan_worker.patches import defer_stop_check_on_cuda
 
     assert defer_stop_check_on_cuda() and defer_stop_check_on_cuda()  # idempotent
     assert DeferredStopCheck.is_supported(torch.device("cuda"), None, False, is_assistant=False)
