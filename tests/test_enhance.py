@@ -102,7 +102,7 @@ def test_enhanced_job_uses_the_model_and_decodes_only_new_tokens(tiny_models, tr
     assert fresh.enhanced_prompt == TARGET and expected - 3 <= fresh.new_tokens <= expected + 1
 
 
-def test_enhance_action_matches_the_seed_endpoint(tiny_models, trained_qwen):
+def test_enhance_action_returns_the_endpoint_fields(tiny_models, trained_qwen):
     worker = make_worker(tiny_models, trained_qwen)
     out = run(worker, {"action": "enhance", "prompt": "a cat", "model": "qwen_base"})
     assert out["success"] is True and out["enhanced_prompt"] == TARGET

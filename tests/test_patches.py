@@ -124,3 +124,39 @@ def test_deferred_stop_check_is_not_patched_on_another_transformers(monkeypatch)
     monkeypatch.setitem(patches.VERIFIED, "transformers", "0.0.1")
     assert not patches.defer_stop_check_on_cuda()
     assert not getattr(gen_utils.DeferredStopCheck, "_wan_cuda", False)
+
+
+def test_compiled_block_hooks_trace_whole_and_sit_inside_the_step_cache(tiny_models, monkeypatch):
+    """``accel.compile_blocks`` through the hook: dynamo traces each block's forward in one graph
+    (``fullgraph=True``, a graph-counting backend here), the output is unchanged, and diffusers'
+    first-block cache, enabled afterwards, wraps the compiled blocks and still skips the rest."""
+    import functools
+
+    from diffusers import WanTransformer3DModel
+
+    from wan_worker.accel import compile_blocks, step_cache, transformer_dummy_inputs
+    from wan_worker.tiny import T2V_DIR
+
+    graphs: list = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    transformer = WanTransformer3DModel.from_pretrained(tiny_models / T2V_DIR, subfolder="transformer").eval()
+    inputs = transformer_dummy_inputs(transformer, 32, 32, 5, "cpu", text_len=8)
+    inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.inference_mode():
+        expected = transformer(**inputs)[0]
+        errors: dict[str, str] = {}
+        assert compile_blocks(transformer, errors) == len(transformer.blocks)
+        assert compile_blocks(transformer, errors) == 0  # idempotent
+        torch.testing.assert_close(transformer(**inputs)[0], expected)
+        assert errors == {} and graphs
+        with step_cache(transformer, 0.5), transformer.cache_context("cond"):
+            first = transformer(**inputs)[0]
+            second = transformer(**inputs)[0]  # served from the cache after the first block
+        torch.testing.assert_close(first, expected)
+        torch.testing.assert_close(second, first)
+    assert all(patches.has_hook(block, patches.COMPILED_FORWARD) for block in transformer.blocks)

@@ -296,20 +296,18 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings, report: Ac
     """``PRECISION=fp8``: FP8 self-attention and float8 block linears (``fp8.py``); the precision
     this transformer runs in. Where FP8 can't run (no Hopper GPU, no FA3 wheel, no torchao) it
     stays bf16, logs one warning per report, and ``report.precision`` says why."""
-    decided = report.precision is not None and report.precision.requested == settings.precision
+    precision = report.precision
     if settings.precision != "fp8":
-        if not decided:
+        if precision is None or precision.requested != settings.precision:
             report.precision = PrecisionReport(settings.precision, settings.precision)
         return settings.precision
     from . import fp8
 
-    if not decided:
+    if precision is None or precision.requested != "fp8":  # decided once per report
         reason = fp8.unavailable_reason()
-        report.precision = PrecisionReport("fp8", "bf16" if reason else "fp8", reason=reason)
+        precision = report.precision = PrecisionReport("fp8", "bf16" if reason else "fp8", reason=reason)
         if reason:
             log.warning("PRECISION=fp8 is not available here; running bf16", extra={"reason": reason})
-    precision = report.precision
-    assert precision is not None
     if precision.applied != "fp8":
         return "bf16"
     started = time.perf_counter()
