@@ -13,7 +13,6 @@ import importlib.metadata
 import inspect
 import logging
 
-import pytest
 import torch
 
 from wan_worker import patches
@@ -119,11 +118,12 @@ def test_a_patch_is_skipped_with_a_logged_reason_on_another_version(monkeypatch,
 def test_deferred_stop_check_is_not_patched_on_another_transformers(monkeypatch):
     from transformers.generation import utils as gen_utils
 
-    if getattr(gen_utils.DeferredStopCheck, "_wan_cuda", False):
-        pytest.skip("already patched in this process")
+    cls = gen_utils.DeferredStopCheck
+    monkeypatch.setattr(cls, "_wan_cuda", False, raising=False)  # as before any patch in this process
+    before = inspect.getattr_static(cls, "is_supported")
     monkeypatch.setitem(patches.VERIFIED, "transformers", "0.0.1")
     assert not patches.defer_stop_check_on_cuda()
-    assert not getattr(gen_utils.DeferredStopCheck, "_wan_cuda", False)
+    assert inspect.getattr_static(cls, "is_supported") is before
 
 
 def test_compiled_block_hooks_trace_whole_and_sit_inside_the_step_cache(tiny_models, monkeypatch):

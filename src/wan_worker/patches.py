@@ -20,6 +20,7 @@ Each patch is applied once (idempotent), only on the library version it was veri
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 from collections.abc import Callable
@@ -123,44 +124,39 @@ def defer_stop_check_on_cuda() -> bool:
 # -- diffusers hooks: compiled block forwards, fused VAE norms ---------------------------------------
 
 
-def _hook_classes():
+@functools.cache
+def _hook_classes() -> tuple[type, type, type]:
     """The hook classes, built on first use so importing this module does not import diffusers."""
-    global _HOOKS
-    if _HOOKS is None:
-        from diffusers.hooks import ModelHook
+    from diffusers.hooks import ModelHook
 
-        class CompiledForward(ModelHook):
-            """Runs ``call`` instead of the module's forward. Hooks registered later (diffusers'
-            step cache) wrap this one and so stay eager around it."""
+    class CompiledForward(ModelHook):
+        """Runs ``call`` instead of the module's forward. Hooks registered later (diffusers'
+        step cache) wrap this one and so stay eager around it."""
 
-            def __init__(self, call: Callable) -> None:
-                super().__init__()
-                self.call = call
+        def __init__(self, call: Callable) -> None:
+            super().__init__()
+            self.call = call
 
-            def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-                return self.call(*args, **kwargs)
+        def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return self.call(*args, **kwargs)
 
-        class FusedNormSilu(ModelHook):
-            """The norm returns ``fused(norm, x)``: the norm and the SiLU after it in one pass."""
+    class FusedNormSilu(ModelHook):
+        """The norm returns ``fused(norm, x)``: the norm and the SiLU after it in one pass."""
 
-            def __init__(self, fused: Callable) -> None:
-                super().__init__()
-                self.fused = fused
+        def __init__(self, fused: Callable) -> None:
+            super().__init__()
+            self.fused = fused
 
-            def new_forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-                return self.fused(module, x)
+        def new_forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return self.fused(module, x)
 
-        class Passthrough(ModelHook):
-            """The SiLU whose work the fused norm already did returns its input."""
+    class Passthrough(ModelHook):
+        """The SiLU whose work the fused norm already did returns its input."""
 
-            def new_forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-                return x
+        def new_forward(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return x
 
-        _HOOKS = (CompiledForward, FusedNormSilu, Passthrough)
-    return _HOOKS
-
-
-_HOOKS: tuple[type, type, type] | None = None
+    return CompiledForward, FusedNormSilu, Passthrough
 
 
 def _registry(module: torch.nn.Module):
