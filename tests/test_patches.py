@@ -160,3 +160,23 @@ def test_compiled_block_hooks_trace_whole_and_sit_inside_the_step_cache(tiny_mod
         torch.testing.assert_close(first, expected)
         torch.testing.assert_close(second, first)
     assert all(patches.has_hook(block, patches.COMPILED_FORWARD) for block in transformer.blocks)
+
+
+def test_json_logs_format_utc_without_changing_other_formatters():
+    """Not a patch: the UTC converter belongs to ``JsonFormatter``, not to ``logging.Formatter``."""
+    import time
+
+    from wan_worker import logs
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        logs.configure("INFO", [])
+        assert logging.Formatter.converter is time.localtime
+        assert isinstance(root.handlers[0].formatter, logs.JsonFormatter)
+        record = logging.LogRecord("x", logging.INFO, "", 0, "m", (), None)
+        record.created = 0.0
+        assert root.handlers[0].formatter.formatTime(record, "%Y-%m-%d %H") == "1970-01-01 00"
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
