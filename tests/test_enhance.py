@@ -102,7 +102,7 @@ def test_enhanced_job_uses_the_model_and_decodes_only_new_tokens(tiny_models, tr
     assert fresh.enhanced_prompt == TARGET and expected - 3 <= fresh.new_tokens <= expected + 1
 
 
-def test_enhance_action_matches_the_seed_endpoint(tiny_models, trained_qwen):
+def test_enhance_action_returns_the_endpoint_fields(tiny_models, trained_qwen):
     worker = make_worker(tiny_models, trained_qwen)
     out = run(worker, {"action": "enhance", "prompt": "a cat", "model": "qwen_base"})
     assert out["success"] is True and out["enhanced_prompt"] == TARGET
@@ -221,7 +221,7 @@ def test_deferred_stop_check_is_enabled_for_cuda_only():
     """transformers reads the stop flag one step late on CUDA once enabled; CPU is unchanged."""
     from transformers.generation.utils import DeferredStopCheck
 
-    from wan_worker.accel import defer_stop_check_on_cuda
+    from wan_worker.patches import defer_stop_check_on_cuda
 
     assert defer_stop_check_on_cuda() and defer_stop_check_on_cuda()  # idempotent
     assert DeferredStopCheck.is_supported(torch.device("cuda"), None, False, is_assistant=False)

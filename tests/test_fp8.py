@@ -139,12 +139,11 @@ def test_processor_replaces_only_self_attention_and_is_removable():
         torch.testing.assert_close(model(**inputs)[0], before)
 
 
-def test_fp8_falls_back_to_bf16_visibly(tiny_models, monkeypatch, caplog):
-    # an earlier bf16 worker in this process (as in this test session) must not hide the fallback
-    monkeypatch.setitem(accel.REPORT, "precision", {"requested": "bf16", "applied": "bf16"})
-    monkeypatch.delitem(accel.REPORT, "transformers", raising=False)
+def test_fp8_falls_back_to_bf16_visibly(tiny_models, caplog):
     worker = tiny_worker(tiny_models, precision="fp8")
-    assert accel.precision_status(worker.settings) == {"requested": "fp8", "applied": None}
+    # a report that an earlier bf16 model decided must not hide the fallback
+    worker.manager.accel.precision = accel.PrecisionReport("bf16", "bf16")
+    assert accel.precision_status(worker.manager.accel, worker.settings) == {"requested": "fp8", "applied": None}
     with caplog.at_level(logging.WARNING, logger="wan_worker.accel"):
         worker.manager.pipeline("t2v")
         worker.manager.pipeline("vace")  # a second transformer: no second warning
@@ -152,7 +151,7 @@ def test_fp8_falls_back_to_bf16_visibly(tiny_models, monkeypatch, caplog):
     assert len(warnings) == 1 and warnings[0].reason == "no CUDA device"
     status = worker.handle({"id": "h", "input": {"action": "health"}}, send=lambda p: None)["precision"]
     assert status == {"requested": "fp8", "applied": "bf16", "reason": "no CUDA device"}
-    assert {t["precision"] for t in accel.REPORT["transformers"]} == {"bf16"}
+    assert {t["precision"] for t in worker.manager.accel.as_dict()["transformers"]} == {"bf16"}
     for module in fp8.self_attention_modules(worker.manager.pipeline("t2v").transformer):
         assert not isinstance(module.processor, fp8.FP8SelfAttnProcessor)
 
@@ -205,7 +204,6 @@ def test_step_cache_works_with_the_fp8_processor():
 
 
 def test_a_failing_fp8_set_up_leaves_the_transformer_bf16_and_says_so(tiny_models, monkeypatch):
-    monkeypatch.delitem(accel.REPORT, "precision", raising=False)
     monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)  # as on a Hopper GPU with both wheels
     monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: reference_flash_attn_func([]))
 
@@ -215,6 +213,6 @@ def test_a_failing_fp8_set_up_leaves_the_transformer_bf16_and_says_so(tiny_model
     monkeypatch.setattr(fp8, "quantize_block_linears", broken)
     worker = tiny_worker(tiny_models, precision="fp8")
     transformer = worker.manager.pipeline("t2v").transformer
-    status = accel.precision_status(worker.settings)
+    status = accel.precision_status(worker.manager.accel, worker.settings)
     assert status["applied"] == "bf16" and "torchao built for another torch" in status["reason"]
     assert all(not isinstance(m.processor, fp8.FP8SelfAttnProcessor) for m in fp8.self_attention_modules(transformer))

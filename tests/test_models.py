@@ -88,7 +88,8 @@ def test_fused_vae_norms_decode_like_diffusers(tiny_models, monkeypatch, compile
     import torch
     from diffusers import AutoencoderKLWan
 
-    from wan_worker.accel import REPORT, compile_vae_norms
+    from wan_worker import patches
+    from wan_worker.accel import compile_vae_norms
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C compiler")
@@ -96,21 +97,21 @@ def test_fused_vae_norms_decode_like_diffusers(tiny_models, monkeypatch, compile
     monkeypatch.setattr(
         torch, "compile", (lambda fn, **kwargs: fn) if compiler == "works" else (lambda fn, **kwargs: broken)
     )
-    REPORT.pop("compile_errors", None)
+    errors: dict[str, str] = {}
     reference = AutoencoderKLWan.from_pretrained(tiny_models / T2V_DIR, subfolder="vae").eval()
     fused = AutoencoderKLWan.from_pretrained(tiny_models / T2V_DIR, subfolder="vae").eval()
-    count = compile_vae_norms(fused)
+    count = compile_vae_norms(fused, errors)
     blocks = [m for m in fused.decoder.modules() if type(m).__name__ == "WanResidualBlock"]
     assert count == 2 * len(blocks) + 1  # two per residual block, plus the decoder's head
-    assert all(isinstance(m.nonlinearity, torch.nn.Identity) for m in blocks)
-    assert isinstance(fused.encoder.nonlinearity, torch.nn.SiLU)
+    assert all(patches.has_hook(m.nonlinearity, patches.SILU_FUSED_AWAY) for m in blocks)
+    assert not patches.has_hook(fused.encoder.nonlinearity, patches.SILU_FUSED_AWAY)
     latents = torch.randn(1, reference.config.z_dim, 5, 12, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = reference.decode(latents, return_dict=False)[0]
         got = fused.decode(latents, return_dict=False)[0]
     assert got.shape == expected.shape == (1, 3, 17, 96, 128)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert ("vae_norms" in REPORT.get("compile_errors", {})) == (compiler == "fails")
+    assert ("vae_norms" in errors) == (compiler == "fails")
 
 
 def test_transformer_blocks_run_eagerly_when_compile_fails(tiny_models, monkeypatch):
@@ -119,7 +120,7 @@ def test_transformer_blocks_run_eagerly_when_compile_fails(tiny_models, monkeypa
     import torch
     from diffusers import WanTransformer3DModel
 
-    from wan_worker.accel import REPORT, compile_blocks, transformer_dummy_inputs
+    from wan_worker.accel import compile_blocks, transformer_dummy_inputs
 
     def failing_compile(fn, **kwargs):
         def call(*args, **kw):
@@ -128,17 +129,17 @@ def test_transformer_blocks_run_eagerly_when_compile_fails(tiny_models, monkeypa
         return call
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    REPORT.pop("compile_errors", None)
+    errors: dict[str, str] = {}
     transformer = WanTransformer3DModel.from_pretrained(tiny_models / T2V_DIR, subfolder="transformer").eval()
     inputs = transformer_dummy_inputs(transformer, 32, 32, 5, "cpu", text_len=8)
     inputs["hidden_states"] = inputs["hidden_states"].float()
     inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].float()
     with torch.inference_mode():
         expected = transformer(**inputs)[0]
-        assert compile_blocks(transformer) == len(transformer.blocks)
+        assert compile_blocks(transformer, errors) == len(transformer.blocks)
         got = transformer(**inputs)[0]
     torch.testing.assert_close(got, expected)
-    assert "no working C compiler" in REPORT["compile_errors"]["WanTransformer3DModel"]
+    assert "no working C compiler" in errors["WanTransformer3DModel"]
 
 
 def test_an_error_eager_code_raises_too_does_not_switch_compile_off():

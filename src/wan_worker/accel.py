@@ -12,7 +12,7 @@
   ``warm_transformer`` runs one forward per shape so the first job does not pay for it.
 * **Precision** - ``PRECISION=fp8`` runs each block's self-attention through FA3's FP8 kernel
   and its linears in float8 (``fp8.py``); without a Hopper GPU, the FA3 wheel or torchao it
-  stays bf16 and ``REPORT["precision"]`` says why.
+  stays bf16 and the report's ``precision`` says why.
 * **Compile artifacts** - ``torch.compiler``'s portable cache, loaded before the warm-up and
   saved after it under ``COMPILE_CACHE_DIR`` (the network volume), so a new worker skips most
   of the compile.
@@ -24,7 +24,9 @@
   step only), warmed once at load time so no job pays the compile inside its time bound, and
   transformers' deferred stop check so the host never waits for the GPU between tokens.
 
-Every choice made here is recorded in ``REPORT`` so the benchmark harness can show it.
+Every choice made here is returned to the caller, which records it in an ``AccelReport``
+(``ModelManager.accel``: one per manager, no module state) for health and the benchmark.
+Changes to diffusers' and transformers' own code live in ``patches.py``.
 """
 
 from __future__ import annotations
@@ -35,17 +37,17 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import patches
+from .patches import enable_fa3
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-#: What this process chose and measured (attention timings, compile, Qwen warm-up).
-REPORT: dict[str, Any] = {}
 
 #: Backends tried by ``auto``, best first when timings tie.
 ATTENTION_CANDIDATES = ("_flash_3", "_native_cudnn", "native", "_native_flash", "_native_efficient")
@@ -53,23 +55,122 @@ ATTENTION_CANDIDATES = ("_flash_3", "_native_cudnn", "native", "_native_flash", 
 DEFAULT_TOKENS, HEADS, HEAD_DIM = 32_760, 12, 128
 
 
+# -- the report ----------------------------------------------------------------------------------
+
+
+def _set(**items: Any) -> dict[str, Any]:
+    """The items that are set (not ``None``)."""
+    return {k: v for k, v in items.items() if v is not None}
+
+
+@dataclass
+class PrecisionReport:
+    """What ``PRECISION`` asked for, what runs, why not, and what each transformer got."""
+
+    requested: str
+    applied: str
+    reason: str | None = None
+    modules: dict[str, dict[str, Any]] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return _set(requested=self.requested, applied=self.applied, reason=self.reason, modules=self.modules)
+
+
+@dataclass
+class TransformerAccel:
+    """What ``optimize_transformer`` did to one transformer."""
+
+    class_name: str
+    attention_backend: str | None = None
+    precision: str | None = None
+    fused_qkv: bool | str | None = None  # True, or "failed: ..."
+    compiled_blocks: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "class": self.class_name,
+            "attention_backend": self.attention_backend,
+            "precision": self.precision,
+            **_set(fused_qkv=self.fused_qkv, compiled_blocks=self.compiled_blocks),
+        }
+
+
+@dataclass
+class VaeAccel:
+    """What ``optimize_vae`` did (nothing without CUDA)."""
+
+    cudnn_benchmark: bool | None = None
+    channels_last_convs: int | None = None
+    fused_norms: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return _set(
+            cudnn_benchmark=self.cudnn_benchmark,
+            vae_channels_last_convs=self.channels_last_convs,
+            vae_fused_norms=self.fused_norms,
+        )
+
+
+@dataclass
+class QwenAccel:
+    """What ``prepare_qwen`` did: decode compile on or off, and why."""
+
+    compile: bool = False
+    deferred_stop_check: bool | None = None
+    warmup_seconds: float | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "compile": self.compile,
+            **_set(deferred_stop_check=self.deferred_stop_check, warmup_seconds=self.warmup_seconds, error=self.error),
+        }
+
+
+@dataclass
+class AccelReport:
+    """What one model manager chose and measured; ``as_dict`` is what health and the benchmark show.
+
+    The attention backend and the precision are decided once per report (the first transformer
+    loaded) and reused for the others.
+    """
+
+    attention_resolved: bool = False
+    attention_backend: str | None = None
+    fa3_available: bool | None = None
+    attention_timings: dict[str, dict] | None = None
+    attention_fallbacks: list[dict[str, str]] = field(default_factory=list)
+    precision: PrecisionReport | None = None
+    transformers: list[TransformerAccel] = field(default_factory=list)
+    vae: VaeAccel = field(default_factory=VaeAccel)
+    compile_errors: dict[str, str] = field(default_factory=dict)
+    compile_artifacts: dict[str, Any] | None = None
+    warmups: list[dict[str, Any]] = field(default_factory=list)
+    qwen: QwenAccel | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = _set(fa3_available=self.fa3_available, attention_timings=self.attention_timings)
+        if self.attention_resolved:
+            out["attention_backend"] = self.attention_backend
+        if self.attention_fallbacks:
+            out["attention_fallbacks"] = list(self.attention_fallbacks)
+        if self.precision is not None:
+            out["precision"] = self.precision.as_dict()
+        if self.transformers:
+            out["transformers"] = [t.as_dict() for t in self.transformers]
+        out.update(self.vae.as_dict())
+        if self.compile_errors:
+            out["compile_errors"] = dict(self.compile_errors)
+        if self.compile_artifacts is not None:
+            out["compile_artifacts"] = self.compile_artifacts
+        if self.warmups:
+            out["warmups"] = list(self.warmups)
+        if self.qwen is not None:
+            out["qwen"] = self.qwen.as_dict()
+        return out
+
+
 # -- attention ---------------------------------------------------------------------------------
-
-
-def enable_fa3() -> bool:
-    """Make diffusers' ``_flash_3`` backend use an installed FA3 build; False when there is none."""
-    import diffusers.models.attention_dispatch as dispatch
-
-    if getattr(dispatch, "_CAN_USE_FLASH_ATTN_3", False) and getattr(dispatch, "flash_attn_3_func", None):
-        return True
-    from .fp8 import fa3_flash_attn_func
-
-    func = fa3_flash_attn_func()
-    if func is None:
-        return False
-    dispatch.flash_attn_3_func = func
-    dispatch._CAN_USE_FLASH_ATTN_3 = True
-    return True
 
 
 def _time_attention(
@@ -153,29 +254,30 @@ def pick_backend(timings: dict[str, dict], margin: float = 0.05) -> str | None:
     return best if usable[best] < (1 - margin) * native else "native"
 
 
-def resolve_attention_backend(settings: Settings) -> str | None:
-    """The backend to set on every transformer of this process (``None``: diffusers' default)."""
-    if "attention_backend" in REPORT:
-        return REPORT["attention_backend"]
+def resolve_attention_backend(settings: Settings, report: AccelReport) -> str | None:
+    """The backend to set on every transformer of this report's manager (``None``: diffusers'
+    default); measured and recorded in ``report`` once."""
+    if report.attention_resolved:
+        return report.attention_backend
     wanted = settings.attention_backend
     chosen: str | None = None
     if wanted and torch.cuda.is_available():
         if wanted in ("_flash_3", "auto"):
-            REPORT["fa3_available"] = enable_fa3()
+            report.fa3_available = enable_fa3()
         if wanted == "auto":
             try:
                 timings = measure_attention_backends()
-                REPORT["attention_timings"] = timings
+                report.attention_timings = timings
                 chosen = pick_backend(timings)
             except Exception as exc:  # noqa: BLE001 - measurement itself failed: stay on native
                 log.warning("attention backend measurement failed", extra={"reason": f"{type(exc).__name__}: {exc}"})
         else:
             chosen = wanted
-    REPORT["attention_backend"] = chosen
+    report.attention_resolved, report.attention_backend = True, chosen
     return chosen
 
 
-def _set_backend(transformer: torch.nn.Module, backend: str | None) -> str | None:
+def _set_backend(transformer: torch.nn.Module, backend: str | None, report: AccelReport) -> str | None:
     if not backend or backend == "native":
         return "native" if backend else None
     try:
@@ -183,34 +285,35 @@ def _set_backend(transformer: torch.nn.Module, backend: str | None) -> str | Non
         return backend
     except Exception as exc:  # noqa: BLE001 - a missing kernel package falls back to native SDPA
         log.warning("attention backend unavailable, using native", extra={"backend": backend, "reason": str(exc)})
-        REPORT.setdefault("attention_fallbacks", []).append({"backend": backend, "reason": str(exc)[:200]})
+        report.attention_fallbacks.append({"backend": backend, "reason": str(exc)[:200]})
         return "native"
 
 
 # -- precision ---------------------------------------------------------------------------------------
 
 
-def apply_precision(transformer: torch.nn.Module, settings: Settings) -> str:
+def apply_precision(transformer: torch.nn.Module, settings: Settings, report: AccelReport) -> str:
     """``PRECISION=fp8``: FP8 self-attention and float8 block linears (``fp8.py``); the precision
     this transformer runs in. Where FP8 can't run (no Hopper GPU, no FA3 wheel, no torchao) it
-    stays bf16, logs one warning per process, and ``REPORT["precision"]`` says why."""
-    decided = REPORT.get("precision", {}).get("requested") == settings.precision  # once per process
+    stays bf16, logs one warning per report, and ``report.precision`` says why."""
+    precision = report.precision
     if settings.precision != "fp8":
-        if not decided:
-            REPORT["precision"] = {"requested": settings.precision, "applied": settings.precision}
+        if precision is None or precision.requested != settings.precision:
+            report.precision = PrecisionReport(settings.precision, settings.precision)
         return settings.precision
     from . import fp8
 
-    if not decided:
+    if precision is None or precision.requested != "fp8":  # decided once per report
         reason = fp8.unavailable_reason()
-        REPORT["precision"] = {"requested": "fp8", "applied": "bf16" if reason else "fp8"}
+        precision = report.precision = PrecisionReport("fp8", "bf16" if reason else "fp8", reason=reason)
         if reason:
-            REPORT["precision"]["reason"] = reason
             log.warning("PRECISION=fp8 is not available here; running bf16", extra={"reason": reason})
-    if REPORT["precision"]["applied"] != "fp8":
+    if precision.applied != "fp8":
         return "bf16"
     started = time.perf_counter()
-    counts = REPORT["precision"].setdefault("modules", {})
+    if precision.modules is None:
+        precision.modules = {}
+    counts = precision.modules
     try:
         linears = fp8.quantize_block_linears(transformer)
         attention = fp8.enable_fp8_attention(transformer, fp8.fa3_flash_attn_func())
@@ -219,7 +322,7 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings) -> str:
         reason = f"fp8 set-up failed for {type(transformer).__name__}: {type(exc).__name__}: {str(exc)[:200]}"
         # health tells the truth: bf16 unless an earlier transformer already runs fp8
         earlier_fp8 = any("error" not in v for v in counts.values())
-        REPORT["precision"].update(applied="mixed" if earlier_fp8 else "bf16", reason=reason)
+        precision.applied, precision.reason = ("mixed" if earlier_fp8 else "bf16"), reason
         counts[type(transformer).__name__] = {"error": reason}
         log.warning("PRECISION=fp8 set-up failed; this transformer runs bf16", extra={"reason": reason})
         return "bf16"
@@ -231,12 +334,11 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings) -> str:
     return "fp8"
 
 
-def precision_status(settings: Settings) -> dict[str, Any]:
+def precision_status(report: AccelReport, settings: Settings) -> dict[str, Any]:
     """For health: what was requested, what runs (``None`` until a transformer has loaded), why."""
-    report = REPORT.get("precision") or {}
-    if report.get("requested") != settings.precision:
+    if report.precision is None or report.precision.requested != settings.precision:
         return {"requested": settings.precision, "applied": None}
-    return dict(report)
+    return report.precision.as_dict()
 
 
 # -- portable compile artifacts --------------------------------------------------------------------
@@ -256,7 +358,6 @@ def load_compile_artifacts(settings: Settings) -> dict[str, Any]:
     inductor, autotuning and AOT-autograd entries) back into this process's caches. Guarded:
     a missing, stale or unreadable file is logged and ignored; compile then runs as usual."""
     info: dict[str, Any] = {"loaded": False}
-    REPORT["compile_artifacts"] = info
     path = compile_artifacts_path(settings)
     if path is None or (not settings.compile_transformer and not settings.compile_vae):
         return info
@@ -275,10 +376,11 @@ def load_compile_artifacts(settings: Settings) -> dict[str, Any]:
     return info
 
 
-def save_compile_artifacts(settings: Settings) -> dict[str, Any]:
+def save_compile_artifacts(settings: Settings, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """After the warm-up compiled: write this process's compile artifacts to the volume, so the
-    next worker on this volume starts with them (``load_compile_artifacts``). Guarded."""
-    info = REPORT.setdefault("compile_artifacts", {})
+    next worker on this volume starts with them (``load_compile_artifacts``). Guarded. Adds to
+    ``info`` (what loading recorded) and returns it."""
+    info = {} if info is None else info
     path = compile_artifacts_path(settings)
     if path is None:
         return info
@@ -318,12 +420,13 @@ class EagerFallback:
     ``torch.compile`` only compiles at the first call, so a missing C compiler for Triton (or
     an inductor bug) would surface inside a job or the warm-up. One instance is shared by
     the callables of one model: once a compiled call fails where the eager one succeeds,
-    they all run eagerly, and ``REPORT``'s ``compile_errors`` says why. Out-of-memory errors
-    pass through to the degrade path.
+    they all run eagerly, and ``errors`` (the report's ``compile_errors``) says why.
+    Out-of-memory errors pass through to the degrade path.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, errors: dict[str, str] | None = None) -> None:
         self.what = what
+        self.errors = {} if errors is None else errors
         self.eager = False
 
     def wrap(self, compiled, eager):
@@ -340,46 +443,47 @@ class EagerFallback:
                 out = eager(*args, **kwargs)
                 self.eager = True
                 reason = f"{type(exc).__name__}: {str(exc)[:300]}"
-                REPORT.setdefault("compile_errors", {})[self.what] = reason
+                self.errors[self.what] = reason
                 log.warning("compile failed; running eagerly", extra={"what": self.what, "reason": reason})
                 return out
 
         return call
 
 
-def compile_blocks(transformer: torch.nn.Module, mode: str | None = None) -> int:
+def compile_blocks(transformer: torch.nn.Module, errors: dict[str, str] | None = None, mode: str | None = None) -> int:
     """Compile the ``forward`` of every repeated block; one graph per block class and shape.
 
-    Returns the number of blocks wrapped. Idempotent. A compile failure leaves the blocks eager
-    (``EagerFallback``).
+    Each block gets a ``patches.COMPILED_FORWARD`` hook. Returns the number of blocks wrapped.
+    Idempotent. A compile failure leaves the blocks eager (``EagerFallback``) and is recorded
+    in ``errors``.
     """
     _raise_recompile_limits()
     names = set(getattr(transformer, "_repeated_blocks", ()) or ())
-    fallback = EagerFallback(type(transformer).__name__)
-    count = 0
-    for module in transformer.modules():
-        if module.__class__.__name__ in names and not getattr(module, "_wan_compiled", False):
-            eager = module.forward
-            module.forward = fallback.wrap(torch.compile(eager, fullgraph=True, dynamic=False, mode=mode), eager)
-            module._wan_compiled = True
-            count += 1
-    return count
+    fallback = EagerFallback(type(transformer).__name__, errors)
+
+    def make(eager):
+        return fallback.wrap(torch.compile(eager, fullgraph=True, dynamic=False, mode=mode), eager)
+
+    return sum(
+        patches.compile_forward(module, make) for module in transformer.modules() if type(module).__name__ in names
+    )
 
 
-def optimize_transformer(transformer: torch.nn.Module, settings: Settings) -> None:
-    """Apply the attention backend, fused QKV and regional compile to a Wan transformer."""
-    info: dict[str, Any] = {"class": type(transformer).__name__}
-    info["attention_backend"] = _set_backend(transformer, resolve_attention_backend(settings))
-    info["precision"] = apply_precision(transformer, settings)
+def optimize_transformer(transformer: torch.nn.Module, settings: Settings, report: AccelReport) -> TransformerAccel:
+    """Apply the attention backend, fused QKV and regional compile to a Wan transformer. The
+    backend and precision are decided once per ``report``; compile errors go to it."""
+    info = TransformerAccel(type(transformer).__name__)
+    info.attention_backend = _set_backend(transformer, resolve_attention_backend(settings, report), report)
+    info.precision = apply_precision(transformer, settings, report)
     if settings.fuse_qkv:
         try:
             transformer.fuse_qkv_projections()
-            info["fused_qkv"] = True
+            info.fused_qkv = True
         except Exception as exc:  # noqa: BLE001
-            info["fused_qkv"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+            info.fused_qkv = f"failed: {type(exc).__name__}: {exc}"[:200]
     if settings.compile_transformer and torch.cuda.is_available():
-        info["compiled_blocks"] = compile_blocks(transformer)
-    REPORT.setdefault("transformers", []).append(info)
+        info.compiled_blocks = compile_blocks(transformer, report.compile_errors)
+    return info
 
 
 def transformer_dummy_inputs(
@@ -420,24 +524,22 @@ def transformer_dummy_inputs(
     return inputs
 
 
-def warm_transformer(transformer: torch.nn.Module, height: int, width: int, frames: int) -> float:
-    """One forward at this shape, so compilation and kernel autotuning happen now (seconds)."""
+def warm_transformer(transformer: torch.nn.Module, height: int, width: int, frames: int) -> dict[str, Any]:
+    """One forward at this shape, so compilation and kernel autotuning happen now; the record
+    (class, shape, seconds) for the report's ``warmups``."""
     inputs = transformer_dummy_inputs(transformer, height, width, frames, next(transformer.parameters()).device)
     return _timed_warmup(transformer, [frames, height, width], lambda: transformer(**inputs))
 
 
-def _timed_warmup(module: torch.nn.Module, shape: list[int], run) -> float:
-    """Run ``run()`` once without grad, wait for the GPU, record it in ``REPORT``; seconds."""
+def _timed_warmup(module: torch.nn.Module, shape: list[int], run) -> dict[str, Any]:
+    """Run ``run()`` once without grad and wait for the GPU; what ran and how long."""
     started = time.perf_counter()
     with torch.inference_mode():
         run()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    REPORT.setdefault("warmups", []).append(
-        {"class": type(module).__name__, "shape": shape, "seconds": round(seconds, 2)}
-    )
-    return seconds
+    return {"class": type(module).__name__, "shape": shape, "seconds": round(seconds, 2)}
 
 
 @contextlib.contextmanager
@@ -480,7 +582,7 @@ def _rms_norm_silu(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(y).to(x.dtype)
 
 
-def compile_vae_norms(vae: torch.nn.Module) -> int:
+def compile_vae_norms(vae: torch.nn.Module, errors: dict[str, str] | None = None) -> int:
     """Fuse each decoder ``WanRMS_norm`` that feeds a SiLU into one compiled kernel.
 
     Profiling the bf16 decode at 480x832x81 shows convolutions take only about a third of its
@@ -488,19 +590,19 @@ def compile_vae_norms(vae: torch.nn.Module) -> int:
     norm + SiLU is about eight of them in eager mode (upcast, norm reduction, divide,
     downcast, scale, gamma, bias, SiLU). The residual blocks and the decoder head always
     apply their SiLU right after the norm, so the norm computes both and the module's
-    activation becomes the identity. The norm module itself is the compiled function's first
+    activation passes its input through (``patches.fuse_norm_silu``: two named diffusers
+    hooks). The norm module itself is the compiled function's first
     argument: its channel count stays a compile-time constant, which gives inductor's
     persistent (single-pass) reduction, 4x faster here than the looped one that a
     tensor-only signature with a dynamic channel count gets.
 
     Only the decoder: the encoder (image-to-image and VACE references, a few frames) stays
     eager, so no job compiles inside its time bound. If compiling fails, the same function
-    runs eagerly (``EagerFallback``). Returns the number of norms fused.
+    runs eagerly (``EagerFallback``, recorded in ``errors``). Returns the number of norms fused.
     """
-    import functools
-
     _raise_recompile_limits()
-    fused = EagerFallback("vae_norms").wrap(torch.compile(_rms_norm_silu, dynamic=True, fullgraph=True), _rms_norm_silu)
+    compiled = torch.compile(_rms_norm_silu, dynamic=True, fullgraph=True)
+    fused = EagerFallback("vae_norms", errors).wrap(compiled, _rms_norm_silu)
     count = 0
     for module in getattr(vae, "decoder", vae).modules():
         if not isinstance(getattr(module, "nonlinearity", None), torch.nn.SiLU):
@@ -509,28 +611,27 @@ def compile_vae_norms(vae: torch.nn.Module) -> int:
         norms = [getattr(module, n, None) for n in names]
         if not all(type(n).__name__ == "WanRMS_norm" for n in norms):
             continue
-        for norm in norms:
-            norm.forward = functools.partial(fused, norm)
-            count += 1
-        module.nonlinearity = torch.nn.Identity()
+        count += sum(patches.fuse_norm_silu(norm, module.nonlinearity, fused) for norm in norms)
     return count
 
 
-def optimize_vae(vae: torch.nn.Module, settings: Settings) -> None:
+def optimize_vae(vae: torch.nn.Module, settings: Settings, errors: dict[str, str] | None = None) -> VaeAccel:
     """cuDNN autotuning and channels-last weights for the VAE's 3-D convolutions, and fused
-    norm + SiLU kernels."""
+    norm + SiLU kernels (compile errors recorded in ``errors``)."""
+    info = VaeAccel()
     if not torch.cuda.is_available():
-        return
+        return info
     if settings.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-        REPORT["cudnn_benchmark"] = True
+        info.cudnn_benchmark = True
     if settings.vae_channels_last:
-        REPORT["vae_channels_last_convs"] = vae_channels_last(vae)
+        info.channels_last_convs = vae_channels_last(vae)
     if settings.compile_vae:
-        REPORT["vae_fused_norms"] = compile_vae_norms(vae)
+        info.fused_norms = compile_vae_norms(vae, errors)
+    return info
 
 
-def warm_vae(vae: torch.nn.Module, height: int, width: int) -> float:
+def warm_vae(vae: torch.nn.Module, height: int, width: int) -> dict[str, Any]:
     """Decode two latent frames at this size, so the compiled norms exist before the first job."""
     device = next(vae.parameters()).device
     latents = torch.zeros(1, vae.config.z_dim, 2, height // 8, width // 8, device=device, dtype=vae.dtype)
@@ -540,55 +641,23 @@ def warm_vae(vae: torch.nn.Module, height: int, width: int) -> float:
 # -- Qwen --------------------------------------------------------------------------------------------
 
 
-def defer_stop_check_on_cuda() -> bool:
-    """Let ``generate`` read its stop flag one step late on CUDA, as it already does on MPS.
-
-    transformers' ``DeferredStopCheck`` copies "all sequences finished?" to pinned memory and
-    reads it on the next step, so the host queues step N+1 while the GPU still runs step N
-    instead of waiting for the GPU every token; it costs one extra decode step per call, which
-    ``generate`` undoes. transformers gates it to MPS "until gains are observed on CUDA";
-    ``bench.py``'s ``qwen`` section measures them. Process-wide and idempotent; False when this
-    transformers has no such class.
-    """
-    try:
-        from transformers.generation import utils as gen_utils
-    except ImportError:
-        return False
-    deferred = getattr(gen_utils, "DeferredStopCheck", None)
-    if deferred is None:
-        return False
-    if getattr(deferred, "_wan_cuda", False):
-        return True
-    original = deferred.is_supported
-
-    def is_supported(device: torch.device, cache: Any, cache_is_returned: bool, is_assistant: bool) -> bool:
-        if device.type == "cuda" and not is_assistant:
-            return cache is None or not cache_is_returned or cache.is_croppable
-        return original(device, cache, cache_is_returned, is_assistant)
-
-    deferred.is_supported = staticmethod(is_supported)
-    deferred._wan_cuda = True
-    return True
-
-
-def prepare_qwen(model: torch.nn.Module, settings: Settings, generate_kwargs: dict[str, Any]) -> None:
+def prepare_qwen(model: torch.nn.Module, settings: Settings, generate_kwargs: dict[str, Any]) -> QwenAccel:
     """Static KV cache + transformers' own decode compile (CUDA graphs), warmed once here.
 
     Called once the model is on its device. Only the one-token decode step is compiled
     (prefill stays eager, since prompt lengths vary); the cache is sized for
     ``ENHANCE_MAX_CACHE_LEN`` tokens so every prompt up to that reuses one graph. Decoding
-    also uses the deferred stop check. The warm-up calls ``generate`` with the enhancer's
+    also uses the deferred stop check (``patches.defer_stop_check_on_cuda``). The warm-up calls ``generate`` with the enhancer's
     own ``generate_kwargs``, less its stop criterion. If the warm-up fails,
     compile is switched off for this model and decoding stays eager.
     """
-    info: dict[str, Any] = {"compile": False}
-    REPORT["qwen"] = info
+    info = QwenAccel()
     device = next(model.parameters()).device
     if not settings.enhance_compile or device.type != "cuda":
-        return
+        return info
     from transformers import CompileConfig
 
-    info["deferred_stop_check"] = defer_stop_check_on_cuda()
+    info.deferred_stop_check = patches.defer_stop_check_on_cuda()
     # all 16 tokens, so the graph is recorded: a stop string in random text would end it early
     warm_kwargs = {k: v for k, v in generate_kwargs.items() if k not in ("stopping_criteria", "stop_strings")}
     gc = model.generation_config
@@ -609,11 +678,12 @@ def prepare_qwen(model: torch.nn.Module, settings: Settings, generate_kwargs: di
                     **warm_kwargs,
                 )
         torch.cuda.synchronize()
-        info.update(compile=True, warmup_seconds=round(time.perf_counter() - started, 2))
+        info.compile, info.warmup_seconds = True, round(time.perf_counter() - started, 2)
     except Exception as exc:  # noqa: BLE001 - compile is an optimisation; eager decoding still works
         gc.cache_implementation = None
         gc.compile_config = None
         gc.max_cache_len = None
         gc.disable_compile = True
-        info.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
-        log.warning("Qwen decode compile failed; decoding eagerly", extra={"reason": info["error"]})
+        info.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        log.warning("Qwen decode compile failed; decoding eagerly", extra={"reason": info.error})
+    return info

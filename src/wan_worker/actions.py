@@ -55,7 +55,7 @@ def health(worker: Worker, inp: JobInput) -> dict[str, Any]:
         "gpu_memory_used_gib": memory.get("gpu_allocated_gib"),
         "gpu_memory_free_gib": memory.get("gpu_free_gib"),
         "memory": memory,
-        "precision": precision_status(worker.settings),
+        "precision": precision_status(worker.manager.accel, worker.settings),
     }
 
 

@@ -950,7 +950,9 @@ class Bench:
         """One forward at the job shape per configuration; outputs compared with eager native."""
         import torch
 
-        from .accel import ATTENTION_CANDIDATES, REPORT, compile_blocks, enable_fa3
+        from .accel import ATTENTION_CANDIDATES, AccelReport, compile_blocks, enable_fa3
+
+        report = AccelReport()
 
         frames, height, width = self.frames, self.height, self.width
         results: dict[str, Any] = {}
@@ -980,7 +982,7 @@ class Bench:
             transformer.set_attention_backend(best or "native")
             results["best_attention_backend"] = best
             if not self.args.no_compile:
-                compile_blocks(transformer)
+                compile_blocks(transformer, report.compile_errors)
                 res = self._time_forward(transformer, frames, height, width)
                 res["rel_err_vs_native"] = r(float((res.pop("_out") - ref).norm() / ref.norm()), 5)
                 results[f"compiled_{best}"] = res
@@ -991,7 +993,7 @@ class Bench:
                     results[f"compiled_{best}_fused_qkv"] = res
                 except Exception as exc:  # noqa: BLE001
                     results[f"compiled_{best}_fused_qkv"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        results["accel_report"] = {k: v for k, v in REPORT.items() if k != "transformers"}
+        results["accel_report"] = {k: v for k, v in report.as_dict().items() if k != "transformers"}
         del transformer
         return results
 
@@ -1161,7 +1163,6 @@ class Bench:
 
     def worker_runs(self) -> dict[str, Any]:
         """The worker's job path: uncached (vs reference) and with the step cache (vs uncached)."""
-        from .accel import REPORT
         from .worker import Worker
 
         res: dict[str, Any] = {}
@@ -1207,7 +1208,7 @@ class Bench:
                 run["forwards_total"] = 2 * len(run["step_s"])
             res[f"cached_{threshold:g}" + ("_default" if threshold == default else "")] = run
         worker.generator.settings = worker.settings
-        res["accel_report"] = {k: v for k, v in REPORT.items()}
+        res["accel_report"] = worker.manager.accel.as_dict()
         res["resident"] = worker.manager.memory_report()
         failed = [k for k, v in res.items() if isinstance(v, dict) and v.get("status") == "failed"]
         if failed and self.s3 is not None:  # say why the storage refused, not only that it did
@@ -1529,7 +1530,6 @@ class Bench:
         optimisation switched off in turn, and eager with a dynamic cache."""
         import torch
 
-        from . import accel
         from .enhance import Enhancer, completion_prompt, generation_kwargs
         from .models import ModelManager
 
@@ -1539,7 +1539,7 @@ class Bench:
         t = now()
         model, tok = manager.qwen()
         res["load_total_s"] = r(now() - t, 2)
-        res["prepare"] = dict(accel.REPORT.get("qwen", {}))
+        res["prepare"] = manager.accel.as_dict().get("qwen", {})
         warm = res["prepare"].get("warmup_seconds") or 0.0
         res["load_from_disk_s"] = r(res["load_total_s"] - warm, 2)
         res["device"] = str(next(model.parameters()).device)
@@ -1649,9 +1649,9 @@ class Bench:
         transformer = self._load_transformer()
         best = self.result["sections"].get("transformer", {}).get("best_attention_backend")
         if cuda and not best:
-            from .accel import resolve_attention_backend
+            from .accel import AccelReport, resolve_attention_backend
 
-            best = resolve_attention_backend(self.settings())
+            best = resolve_attention_backend(self.settings(), AccelReport())
         if cuda and best and best != "native":
             enable_fa3()
             transformer.set_attention_backend(best)
@@ -1815,18 +1815,17 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
     w.manager.encoder_pipe()
     marks["models_loaded_s"] = since()
     marks["load_seconds"] = {k: round(v, 2) for k, v in w.manager.load_seconds.items()}
-    from .accel import REPORT
-
     # what WARMUP_ON_START runs: compile artifacts in, transformer and VAE warm-ups, artifacts out
     w.manager.warm_up(args.width, args.height, args.frames)
     marks["ready_s"] = since()
     marks["warm_compile_s"] = round(marks["ready_s"] - marks["models_loaded_s"], 2)
-    marks["warmups"] = REPORT.get("warmups")
-    marks["compile_artifacts"] = REPORT.get("compile_artifacts")
+    report = w.manager.accel.as_dict()
+    marks["warmups"] = report.get("warmups")
+    marks["compile_artifacts"] = report.get("compile_artifacts")
     marks["compile_enabled"] = w.settings.compile_transformer
-    marks["compile_errors"] = REPORT.get("compile_errors")
-    marks["precision"] = REPORT.get("precision")
-    marks["attention_backend"] = REPORT.get("attention_backend")
+    marks["compile_errors"] = report.get("compile_errors")
+    marks["precision"] = report.get("precision")
+    marks["attention_backend"] = report.get("attention_backend")
     marks["heavy_modules_at_import"] = sorted(m for m in HEAVY_MODULES if m in startup_modules)
     marks["peak_gib"] = gpu_peak_gib()
     return marks
@@ -1835,7 +1834,6 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
 def child_precision_run(args: argparse.Namespace) -> dict[str, Any]:
     """One worker process at the precision its environment sets: load, warm-up compile (timed),
     the benchmark job end to end, one transformer forward; the decoded frames to a file."""
-    from .accel import REPORT
     from .worker import get_worker
 
     started = now()
@@ -1845,7 +1843,7 @@ def child_precision_run(args: argparse.Namespace) -> dict[str, Any]:
     started = now()
     worker.manager.warm_up(args.width, args.height, args.frames)
     out["warm_compile_s"] = r(now() - started, 2)
-    out["warmups"] = REPORT.get("warmups")
+    out["warmups"] = worker.manager.accel.as_dict().get("warmups")
     job = run_job(worker, bench_job(args.width, args.height, args.frames, args.steps, id="precision"))
     frames = job.pop("_frames", None)
     if frames is not None:
@@ -1859,8 +1857,8 @@ def child_precision_run(args: argparse.Namespace) -> dict[str, Any]:
     out.update(
         forward_s=forward["forward_s"], forward_tflops=forward["tflops"], first_forward_s=forward["first_call_s"]
     )
-    out["precision"] = REPORT.get("precision")
-    out["compile_errors"] = REPORT.get("compile_errors")
+    out["precision"] = worker.manager.accel.as_dict().get("precision")
+    out["compile_errors"] = worker.manager.accel.as_dict().get("compile_errors")
     out["peak_vram_gib"] = gpu_peak_gib()
     return out
 

@@ -1,6 +1,6 @@
 """Prompt enhancement with Qwen 2.5-7B: bounded in time, cached, and never fatal.
 
-The Base model gets a plain completion prompt: the seed's WAN system text (adapted to the
+The Base model gets a plain completion prompt: the WAN system text (adapted to the
 job type and quality), a few worked examples, then the user's prompt. An Instruct model
 (``QWEN_MODEL`` naming one) gets the same text through its chat template. Only the new
 tokens are decoded; generation stops at the example delimiter or EOS, is capped by
@@ -14,18 +14,15 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
-from functools import lru_cache
+from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteriaList, StopStringCriteria
 
+from .decoding import DELIMITER, generation_kwargs
 from .models import GiB, ModelManager
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-DELIMITER = "###"
 
 SYSTEM_PROMPT = """You are an expert AI prompt engineer specializing in WAN 2.1 {medium} generation{temporal}.
 
@@ -98,28 +95,6 @@ class Enhancement:
     reason: str | None = None
     new_tokens: int = 0
     model_was_loaded: bool = True
-
-    def as_metadata(self) -> dict:
-        return asdict(self)
-
-
-@lru_cache(maxsize=4)
-def _stop_at_delimiter(tokenizer) -> StoppingCriteriaList:
-    """transformers' stop-string criterion for ``DELIMITER``, built once per tokenizer: building
-    it scans the whole vocabulary (about 0.45 s for Qwen's 152k tokens), which ``generate``
-    would otherwise repeat on every call given ``stop_strings``."""
-    return StoppingCriteriaList([StopStringCriteria(tokenizer, [DELIMITER])])
-
-
-def generation_kwargs(tokenizer) -> dict:
-    """Decoding settings shared by every enhancement and the decode warm-up (``accel.prepare_qwen``):
-    greedy, a light repetition penalty, stop at the example delimiter."""
-    return {
-        "do_sample": False,
-        "repetition_penalty": 1.05,
-        "stopping_criteria": _stop_at_delimiter(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
-    }
 
 
 def system_text(job_type: str, quality: str) -> str:

@@ -22,6 +22,11 @@ REDACTED = "[REDACTED]"
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record; any time it formats (``formatTime``) is UTC. The converter
+    is this class's own, so other formatters in the process keep theirs."""
+
+    converter = time.gmtime
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": round(record.created, 3),
@@ -107,7 +112,6 @@ def configure(level: str, secrets: list[str], runpod_level: str = "INFO") -> Non
     root.setLevel(level.upper())
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.Formatter.converter = time.gmtime
     try:
         from runpod.serverless.modules.rp_logger import RunPodLogger
     except ImportError:  # the benchmark runs the worker without the RunPod SDK

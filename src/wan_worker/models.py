@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .accel import AccelReport
 from .errors import ModelUnavailable
 from .locate import DOWNLOAD_HINT, ModelLocator
 from .settings import Settings
@@ -139,6 +140,8 @@ class ModelManager:
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     moves: list[Move] = field(default_factory=list)
     load_seconds: dict[str, float] = field(default_factory=dict)
+    #: What the speed features chose and measured for this manager's models (``accel.py``).
+    accel: AccelReport = field(default_factory=AccelReport)
 
     def __post_init__(self) -> None:
         self.locator = ModelLocator(self.settings)
@@ -198,8 +201,8 @@ class ModelManager:
         from .loras import prepare_transformer
 
         prepare_transformer(pipe.transformer, self.settings)  # LoRA slots go in before compile
-        optimize_transformer(pipe.transformer, self.settings)
-        optimize_vae(pipe.vae, self.settings)
+        self.accel.transformers.append(optimize_transformer(pipe.transformer, self.settings, self.accel))
+        self.accel.vae = optimize_vae(pipe.vae, self.settings, self.accel.compile_errors)
         self._register("text_encoder", pipe.text_encoder)
         self._register("transformer", pipe.transformer)
         self._register("vae", pipe.vae)
@@ -247,7 +250,7 @@ class ModelManager:
         from .loras import prepare_transformer
 
         prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
-        optimize_transformer(transformer, self.settings)
+        self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel))
         self._register("vace_transformer", transformer)
         self.load_seconds["vace"] = time.perf_counter() - started
         return transformer
@@ -282,7 +285,7 @@ class ModelManager:
         from .loras import prepare_transformer
 
         prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
-        optimize_transformer(transformer, self.settings)
+        self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel))
         self._register("turbo_transformer", transformer)
         self.load_seconds["turbo"] = time.perf_counter() - started
         return transformer
@@ -305,7 +308,7 @@ class ModelManager:
 
         compiles = self.device.type == "cuda" and (self.settings.compile_transformer or self.settings.compile_vae)
         if compiles:
-            load_compile_artifacts(self.settings)  # before anything compiles
+            self.accel.compile_artifacts = load_compile_artifacts(self.settings)  # before anything compiles
         pipe = self.pipeline("t2v")
         transformers = [("transformer", pipe.transformer)]
         if self.settings.default_quality == "turbo":
@@ -318,17 +321,18 @@ class ModelManager:
 
             for name, transformer in transformers:
                 self.acquire([name], working_bytes=estimate_working_bytes(width, height, frames))
-                warm_transformer(transformer, height, width, frames)
+                self.accel.warmups.append(warm_transformer(transformer, height, width, frames))
                 with slots_active(transformer, 1) as has_slots:  # the one-LoRA graph too
                     if has_slots:
-                        warm_transformer(transformer, height, width, frames)
+                        self.accel.warmups.append(warm_transformer(transformer, height, width, frames))
         if self.settings.compile_vae and self.device.type == "cuda":
             self.acquire(["vae"], working_bytes=estimate_working_bytes(width, height, 5))
-            warm_vae(pipe.vae, height, width)
+            self.accel.warmups.append(warm_vae(pipe.vae, height, width))
         if self.settings.warmup_qwen:
             self.qwen()
         if compiles:
-            save_compile_artifacts(self.settings)  # everything compiled so far, Qwen's decode included
+            # everything compiled so far, Qwen's decode included
+            self.accel.compile_artifacts = save_compile_artifacts(self.settings, self.accel.compile_artifacts)
 
     def ready(self, name: str) -> bool:
         return ("t2v_denoise" if name == "t2v" else name) in self._pipes
@@ -348,12 +352,11 @@ class ModelManager:
                     )
                 model.eval()
                 from .accel import prepare_qwen
-                from .enhance import generation_kwargs
+                from .decoding import generation_kwargs
 
                 self._register("qwen", model)
-                prepare_qwen(
-                    model, self.settings, generation_kwargs(tokenizer)
-                )  # on its device: warms the decode graph
+                # on its device: warms the decode graph
+                self.accel.qwen = prepare_qwen(model, self.settings, generation_kwargs(tokenizer))
                 self._qwen = (model, tokenizer)
                 self.load_seconds["qwen"] = time.perf_counter() - started
             return self._qwen
