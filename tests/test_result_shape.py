@@ -63,7 +63,7 @@ def test_long_video_result_keeps_its_keys(worker):
     job = {**SMALL_VIDEO, "frame_num": 7, "overlap_frames": 4, "config": {"num_inference_steps": 1}}
     meta = check(handle(worker, job, job_id="shape-long"), LONG)
     assert [k for k in meta["timings"] if k != "loading"] == [k for k in LONG_TIMINGS if k != "loading"]
-    assert [list(s) for s in meta["segments"]] == [SEGMENT] * 2
+    assert len(meta["segments"]) > 1 and all(list(s) == SEGMENT for s in meta["segments"])
 
 
 def test_a_rejected_job_keeps_its_keys(worker):
