@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from conftest import SMALL_VIDEO, handle, tiny_worker
 
+from wan_worker.observer import JobObserver
+
 TOP = ["status", "job_id", "assets", "metadata", "warnings"]
 ASSET = [
     "width", "height", "frames", "fps", "duration_seconds", "file_size_bytes", "format", "seed", "pipeline",
@@ -69,3 +71,40 @@ def test_long_video_result_keeps_its_keys(worker):
 def test_a_rejected_job_keeps_its_keys(worker):
     out = handle(worker, {"job_type": "nope", "prompt": "x"})
     assert list(out) == ["error", "error_code", "retryable", "field", "details", "job_id"]
+
+
+class Recorder(JobObserver):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def stage_started(self, name: str) -> None:
+        self.events.append(("stage", name))
+
+    def text_encoded(self) -> None:
+        self.events.append(("text_encoded",))
+
+    def step_finished(self, step: int, total: int) -> None:
+        self.events.append(("step", step, total))
+
+    def frames_decoded(self, frames) -> None:
+        self.events.append(("frames", frames.shape))
+
+
+def test_an_observer_sees_stages_steps_and_frames_in_order(worker):
+    """The benchmark's seam: every stage, the end of text encoding, each step, the decoded frames."""
+    recorder = Recorder()
+    sent: list[dict] = []
+    out = worker.handle({"id": "observed", "input": SMALL_VIDEO}, send=sent.append, observer=recorder)
+    assert out["status"] == "completed", out
+    generating = recorder.events.index(("stage", "generating"))
+    assert recorder.events[0] == ("stage", "validating")
+    assert recorder.events[generating + 1 :] == [
+        ("text_encoded",),
+        ("step", 1, 2),
+        ("step", 2, 2),
+        ("frames", (5, 256, 256, 3)),
+        ("stage", "encoding"),
+        ("stage", "uploading"),
+    ]
+    # the observer sees what progress reports, and more (steps are not throttled for it)
+    assert [p["stage"] for p in sent if "step" not in p] == [e[1] for e in recorder.events if e[0] == "stage"]

@@ -42,7 +42,7 @@ ENCODER_WORKING_BYTES = 512 * 1024**2
 class Conditioning:
     """What the chosen pipeline receives beyond the prompt (recorded for the output and tests)."""
 
-    pipeline: str
+    pipeline: P.Pipeline
     kwargs: dict[str, Any] = field(default_factory=dict)
     conditioning_scale: float | None = None
     denoise_strength: float | None = None
@@ -111,7 +111,7 @@ def build_conditioning(job: Job, mode: str, images: dict[str, Image.Image]) -> C
     return Conditioning("vace", kwargs, scale, job.denoise_strength)
 
 
-def model_pipeline(job: Job, cond: Conditioning) -> str:
+def model_pipeline(job: Job, cond: Conditioning) -> P.ModelPipeline:
     """The model manager's pipeline for a job: turbo swaps the text-to-video transformer."""
     return "turbo" if cond.pipeline == "t2v" and job.quality == "turbo" else cond.pipeline
 

@@ -30,17 +30,8 @@ from pydantic import (
 from . import presets as P
 from .errors import InvalidInput
 
-JobTypeName = Literal[
-    "image_fast",
-    "image_high",
-    "video_fast",
-    "video_high",
-    "image7b_fast_enhanced",
-    "image7b_high_enhanced",
-    "video7b_fast_enhanced",
-    "video7b_high_enhanced",
-]
-ReferenceMode = Literal["none", "single", "start", "end", "both"]
+JobTypeName = P.JobTypeName
+ReferenceMode = P.ReferenceMode
 Action = Literal["generate", "enhance", "health", "debug_env", "list_loras"]
 
 _SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -271,7 +262,7 @@ class AssetMetadata(BaseModel):
     file_size_bytes: int
     format: Literal["mp4", "png"]
     seed: int
-    pipeline: Literal["t2v", "vace", "i2i"]
+    pipeline: P.Pipeline
     reference_mode_requested: ReferenceMode
     reference_mode_applied: ReferenceMode
     denoise_strength: float | None

@@ -74,6 +74,10 @@ class Worker:
     def readiness(self) -> Readiness:
         return self.runtime.readiness
 
+    @property
+    def storage(self) -> Storage:
+        return self.runtime.storage
+
     # -- entry point --------------------------------------------------------------------------
 
     def handle(
