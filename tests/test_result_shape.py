@@ -107,4 +107,4 @@ def test_an_observer_sees_stages_steps_and_frames_in_order(worker):
         ("stage", "uploading"),
     ]
     # the observer sees what progress reports, and more (steps are not throttled for it)
-    assert [p["stage"] for p in sent if "step" not in p] == [e[1] for e in recorder.events if e[0] == "stage"]
+    assert [p["stage"] for p in sent if not p.get("step")] == [e[1] for e in recorder.events if e[0] == "stage"]
