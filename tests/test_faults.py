@@ -357,10 +357,10 @@ def test_job_timeout_interrupts_generation_at_the_next_step(tiny_models, work_di
 
 
 def test_each_job_gets_its_own_temp_dir_removed_afterwards(tiny_models, s3, work_dir, monkeypatch):
-    import wan_worker.worker as worker_module
+    import wan_worker.stages as stages_module
 
     seen: list[Path] = []
-    real_encode = worker_module.encode
+    real_encode = stages_module.encode
 
     def spy(frames, out_dir, **kwargs):
         assert list(out_dir.iterdir()) == [], "a job saw another job's files"
@@ -368,7 +368,7 @@ def test_each_job_gets_its_own_temp_dir_removed_afterwards(tiny_models, s3, work
         seen.append(out_dir)
         return real_encode(frames, out_dir, **kwargs)
 
-    monkeypatch.setattr(worker_module, "encode", spy)
+    monkeypatch.setattr(stages_module, "encode", spy)
     worker = tiny_worker(tiny_models, **s3_settings(s3), work_dir=work_dir)
     assert handle(worker, {**SMALL_VIDEO, "id": "tmp-a"})["status"] == "completed"
     assert handle(worker, {**SMALL_IMAGE, "id": "tmp-b"})["status"] == "completed"

@@ -1,4 +1,4 @@
-"""Non-generation actions: the seed's HTTP endpoints, as serverless job inputs.
+"""Non-generation actions, as serverless job inputs.
 
 ``{"action": "health"}``, ``{"action": "debug_env"}``, ``{"action": "enhance", ...}`` and
 ``{"action": "list_loras"}``.
@@ -8,14 +8,18 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .accel import precision_status
-from .settings import SECRET_ENV_VARS, env_presence
+from .settings import SECRET_ENV_VARS, Settings, env_presence
 
 if TYPE_CHECKING:
+    from .enhance import Enhancer
+    from .loras import LoraRuntime
+    from .models import ModelManager
+    from .readiness import Readiness
     from .schema import JobInput
-    from .worker import Worker
 
 EXPECTED_ENV_VARS = (
     "MODEL_PROFILE",
@@ -32,46 +36,59 @@ EXPECTED_ENV_VARS = (
 )
 
 
-def run(worker: Worker, inp: JobInput) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ActionContext:
+    """What the actions read: the worker's parts and counters, never the worker itself."""
+
+    settings: Settings
+    manager: ModelManager
+    enhancer: Enhancer
+    loras: LoraRuntime
+    readiness: Readiness
+    started_at: float
+    jobs_done: int
+
+
+def run(ctx: ActionContext, inp: JobInput) -> dict[str, Any]:
     actions = {"health": health, "debug_env": debug_env, "enhance": enhance, "list_loras": list_loras}
-    return actions[inp.action](worker, inp)
+    return actions[inp.action](ctx, inp)
 
 
-def health(worker: Worker, inp: JobInput) -> dict[str, Any]:
-    memory = worker.manager.memory_report()
-    reasons = worker.readiness.reasons()
+def health(ctx: ActionContext, inp: JobInput) -> dict[str, Any]:
+    memory = ctx.manager.memory_report()
+    reasons = ctx.readiness.reasons()
     return {
         "status": "unhealthy" if reasons else "healthy",
         "worker": "wan",
-        "qwen_loaded": worker.manager.qwen_loaded,
-        "wan_loaded": worker.manager.wan_loaded,
+        "qwen_loaded": ctx.manager.qwen_loaded,
+        "wan_loaded": ctx.manager.wan_loaded,
         "worker_ready": not reasons,
         "reason": "; ".join(reasons) or None,
         "timestamp": time.time(),
-        "uptime_seconds": round(time.time() - worker.started_at, 1),
-        "jobs_done": worker.jobs_done,
-        "model_profile": worker.settings.model_profile,
-        "enhancement_cache_hits": worker.enhancer.cache_hits,
+        "uptime_seconds": round(time.time() - ctx.started_at, 1),
+        "jobs_done": ctx.jobs_done,
+        "model_profile": ctx.settings.model_profile,
+        "enhancement_cache_hits": ctx.enhancer.cache_hits,
         "gpu_memory_used_gib": memory.get("gpu_allocated_gib"),
         "gpu_memory_free_gib": memory.get("gpu_free_gib"),
         "memory": memory,
-        "precision": precision_status(worker.manager.accel, worker.settings),
+        "precision": precision_status(ctx.manager.accel, ctx.settings),
     }
 
 
-def debug_env(worker: Worker, inp: JobInput) -> dict[str, Any]:
+def debug_env(ctx: ActionContext, inp: JobInput) -> dict[str, Any]:
     return {
         "worker": "wan",
         "env_set": env_presence(EXPECTED_ENV_VARS),
-        "bucket_configured": worker.settings.bucket_configured,
-        "callback_configured": bool(worker.settings.callback_url and worker.settings.callback_secret),
+        "bucket_configured": ctx.settings.bucket_configured,
+        "callback_configured": bool(ctx.settings.callback_url and ctx.settings.callback_secret),
     }
 
 
-def enhance(worker: Worker, inp: JobInput) -> dict[str, Any]:
+def enhance(ctx: ActionContext, inp: JobInput) -> dict[str, Any]:
     job_type = inp.job_type
     quality = inp.quality or "fast"
-    result = worker.enhancer.enhance(inp.prompt or "", job_type, quality)
+    result = ctx.enhancer.enhance(inp.prompt or "", job_type, quality)
     response = {
         "success": result.enhancement_applied,
         "enhanced_prompt": result.enhanced_prompt,
@@ -90,6 +107,6 @@ def enhance(worker: Worker, inp: JobInput) -> dict[str, Any]:
     return response
 
 
-def list_loras(worker: Worker, inp: JobInput) -> dict[str, Any]:
+def list_loras(ctx: ActionContext, inp: JobInput) -> dict[str, Any]:
     """The LoRA files in ``LORA_DIR``, described from their headers (nothing is loaded)."""
-    return {**worker.generator.loras.describe_all(), "worker": "wan"}
+    return {**ctx.loras.describe_all(), "worker": "wan"}

@@ -474,88 +474,60 @@ def _dir_bytes(path: Path) -> int:
 
 
 class StepClock:
-    """Synchronised timestamps of every denoising step, taken from the worker's own callback."""
+    """Synchronised timestamps of the job's text encoding, every denoising step and the decoded
+    frames: a ``wan_worker.observer.JobObserver`` passed to ``Worker.handle``."""
 
     def __init__(self) -> None:
         self.marks: list[float] = []
         self.started: float | None = None
+        self.generating_at: float | None = None
+        self.text_encoded_at: float | None = None
+        self.decoded_at: float | None = None
+        self.frames = None
 
-    def progress_class(self):
-        from .progress import Progress
+    def stage_started(self, name: str) -> None:
+        if name == "generating":
+            sync()
+            self.marks, self.generating_at = [], now()
 
-        clock = self
-
-        class TimedProgress(Progress):
-            def enter(self, stage: str, **extra: Any) -> None:
-                if stage == "generating":
-                    clock.marks = []
-                super().enter(stage, **extra)
-
-            def step(self, current: int, total: int) -> None:
-                sync()
-                clock.marks.append(now())
-                super().step(current, total)
-
-        return TimedProgress
-
-
-@contextlib.contextmanager
-def instrumented(worker, clock: StepClock, captured: dict):
-    """Patch the worker module's Progress (step clock) and encode (frame capture) for one run."""
-    from . import worker as worker_module
-
-    real_encode, real_progress = worker_module.encode, worker_module.Progress
-    real_encode_prompt = worker.generator.encode_prompt
-
-    def encode(frames, out_dir, **kwargs):
+    def text_encoded(self) -> None:
         sync()
-        captured["decoded_at"] = now()
-        captured["frames"] = frames
-        return real_encode(frames, out_dir, **kwargs)
+        self.text_encoded_at = now()
 
-    def encode_prompt(job, prompt):
+    def step_finished(self, step: int, total: int) -> None:
         sync()
-        t = now()
-        out = real_encode_prompt(job, prompt)
-        sync()
-        captured["text_encoding_s"] = now() - t
-        captured["text_encoded_at"] = now()
-        return out
+        self.marks.append(now())
 
-    worker_module.encode, worker_module.Progress = encode, clock.progress_class()
-    worker.generator.encode_prompt = encode_prompt
-    try:
-        yield
-    finally:
-        worker_module.encode, worker_module.Progress = real_encode, real_progress
-        worker.generator.encode_prompt = real_encode_prompt
+    def frames_decoded(self, frames) -> None:
+        sync()
+        self.decoded_at, self.frames = now(), frames
 
 
 def run_job(worker, job: dict, clock: StepClock | None = None, keep_metadata: bool = False) -> dict[str, Any]:
     """``Worker.handle`` on one job, with stage and per-step timings and the decoded frames
     (and the job's whole ``metadata`` with ``keep_metadata``)."""
     clock = clock or StepClock()
-    captured: dict[str, Any] = {}
     sent: list = []
     reset_peak()
-    with instrumented(worker, clock, captured):
-        sync()
-        started = now()
-        output = worker.handle({"id": job.get("id", "bench"), "input": job}, send=sent.append)
-        total = now() - started
+    sync()
+    started = now()
+    output = worker.handle({"id": job.get("id", "bench"), "input": job}, send=sent.append, observer=clock)
+    total = now() - started
     meta = output.get("metadata") or {}
-    steps = np.diff([captured.get("text_encoded_at", started), *clock.marks]).tolist() if clock.marks else []
+    encoded_at = clock.text_encoded_at
+    steps = np.diff([encoded_at or started, *clock.marks]).tolist() if clock.marks else []
+    text_encoding = encoded_at - clock.generating_at if encoded_at and clock.generating_at else None
     result: dict[str, Any] = {
         "status": output.get("status", "failed"),
         "error": output.get("error"),
         "total_s": r(total),
-        "text_encoding_s": r(captured.get("text_encoding_s")),
+        "text_encoding_s": r(text_encoding),
         "steps": len(steps),
         "step_s": [r(s, 4) for s in steps],
         "step_median_s": r(float(np.median(steps)), 4) if steps else None,
         "denoising_s": r(sum(steps)) if steps else None,
-        "vae_decode_and_postprocess_s": r(captured["decoded_at"] - clock.marks[-1])
-        if clock.marks and "decoded_at" in captured
+        "vae_decode_and_postprocess_s": r(clock.decoded_at - clock.marks[-1])
+        if clock.marks and clock.decoded_at is not None
         else None,
         "worker_timings": meta.get("timings"),
         "peak_vram_gib": gpu_peak_gib(),
@@ -566,7 +538,7 @@ def run_job(worker, job: dict, clock: StepClock | None = None, keep_metadata: bo
         result["output"] = {k: v for k, v in output.items() if k not in ("assets",)}
     if keep_metadata:
         result["metadata"] = meta
-    result["_frames"] = captured.get("frames")
+    result["_frames"] = clock.frames
     return result
 
 

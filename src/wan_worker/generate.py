@@ -42,7 +42,7 @@ ENCODER_WORKING_BYTES = 512 * 1024**2
 class Conditioning:
     """What the chosen pipeline receives beyond the prompt (recorded for the output and tests)."""
 
-    pipeline: str
+    pipeline: P.Pipeline
     kwargs: dict[str, Any] = field(default_factory=dict)
     conditioning_scale: float | None = None
     denoise_strength: float | None = None
@@ -71,7 +71,7 @@ class Generated:
 
 
 def vace_inputs(mode: str, images: dict[str, Image.Image], num_frames: int, size: tuple[int, int]) -> dict[str, Any]:
-    """The VACE ``video``/``mask``/``reference_images`` for a reference mode (FACTS.md §2)."""
+    """The VACE ``video``/``mask``/``reference_images`` for a reference mode."""
     if mode == "single":
         return {"reference_images": [images["single"]]}
     gray, black, white = (Image.new("RGB", size, c) for c in (GRAY, BLACK, WHITE))
@@ -111,7 +111,7 @@ def build_conditioning(job: Job, mode: str, images: dict[str, Image.Image]) -> C
     return Conditioning("vace", kwargs, scale, job.denoise_strength)
 
 
-def model_pipeline(job: Job, cond: Conditioning) -> str:
+def model_pipeline(job: Job, cond: Conditioning) -> P.ModelPipeline:
     """The model manager's pipeline for a job: turbo swaps the text-to-video transformer."""
     return "turbo" if cond.pipeline == "t2v" and job.quality == "turbo" else cond.pipeline
 
@@ -136,6 +136,17 @@ class Generator:
         self.settings = settings
         self.loras = LoraRuntime(manager, settings)
 
+    def missing(self, names: list[str]) -> list[str]:
+        """The pipelines among ``names`` that are not loaded yet, each once."""
+        return [name for name in dict.fromkeys(names) if not self.manager.ready(name)]
+
+    def load(self, names: list[str]) -> float:
+        """Load the pipelines that are not resident yet (the only loading a job does); seconds taken."""
+        started = time.perf_counter()
+        for name in self.missing(names):
+            self.manager.pipeline(name)
+        return time.perf_counter() - started
+
     def encode_prompt(self, job: Job, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.manager.acquire(["text_encoder"], working_bytes=ENCODER_WORKING_BYTES)
         encoder = self.manager.encoder_pipe()
@@ -156,6 +167,7 @@ class Generator:
         started = time.perf_counter()
         prompt_embeds, negative_embeds = self.encode_prompt(job, prompt)
         timings["text_encoding"] = time.perf_counter() - started
+        progress.observer.text_encoded()
 
         name = model_pipeline(job, cond)
         pipe = self.manager.pipeline(name)

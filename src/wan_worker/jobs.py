@@ -13,12 +13,11 @@ from typing import Literal
 
 from . import presets as P
 from .errors import InvalidInput
-from .schema import JobInput, ReferenceMode
+from .presets import ReferenceMode
+from .schema import JobInput
 
-Pipeline = Literal["t2v", "vace", "i2i"]
-
-#: Where each reference can come from, in precedence order (issue "Reference frames").
-REFERENCE_SOURCES: dict[str, tuple[tuple[str, str], ...]] = {
+#: Where each reference can come from, in precedence order.
+REFERENCE_SOURCES: dict[P.ReferenceRole, tuple[tuple[str, str], ...]] = {
     "single": (("reference_image_url", ""), ("image", "config"), ("reference_image_url", "metadata")),
     "start": (("first_frame", ""), ("first_frame", "config"), ("start_reference_url", "metadata")),
     "end": (("last_frame", ""), ("last_frame", "config"), ("end_reference_url", "metadata")),
@@ -27,7 +26,7 @@ REFERENCE_SOURCES: dict[str, tuple[tuple[str, str], ...]] = {
 
 @dataclass(frozen=True)
 class ReferenceSource:
-    role: Literal["single", "start", "end"]
+    role: P.ReferenceRole
     value: str
     field: str  # e.g. "first_frame" or "metadata.start_reference_url"
 
@@ -84,7 +83,7 @@ class Job:
     segment_prompts: list[str] = field(default_factory=list)
 
     @property
-    def pipeline(self) -> Pipeline:
+    def pipeline(self) -> P.Pipeline:
         """The pipeline the references ask for (before any fetch fallback)."""
         if self.reference_mode_requested == "none":
             return "t2v"

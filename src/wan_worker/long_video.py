@@ -15,31 +15,26 @@ the last segment, ``both`` both, and ``single`` (``reference_images``) every seg
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import logging
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import presets as P
+from . import result, stages
 from .errors import ErrorCode, GenerationFailed, InvalidInput, JobTimeout, WorkerError
 from .generate import BLACK, GRAY, WHITE, Conditioning, Generated, model_pipeline
 from .jobs import Job
 from .media import EncodedMedia, VideoStream, to_uint8, write_thumbnail
-from .progress import Progress
-from .references import RESIZE_POLICY
-from .schema import Asset, AssetMetadata, JobResult
+from .result import Outcome
 from .segments import ESTIMATE_MARGIN, Segment, plan_segments
+from .stages import JobRun, Runtime
 from .stitch import SEAM_JUMP_RATIO, SeamMeter, crossfade, match_colour
-
-if TYPE_CHECKING:
-    from .worker import Worker
 
 log = logging.getLogger("wan_worker")
 
@@ -57,9 +52,9 @@ def short_sha(text: str) -> str:
 class LongVideo:
     """Makes the jobs that are longer than one pass, or that carry a storyboard."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.settings = worker.settings
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.settings = runtime.settings
 
     def applies(self, job: Job) -> bool:
         return job.kind == "video" and (
@@ -88,70 +83,38 @@ class LongVideo:
             )
         return plan
 
-    # -- the job --------------------------------------------------------------------------
+    # -- the job: the shared stages, with segments generated and streamed into one MP4 ------
 
-    def run(
-        self,
-        job: Job,
-        runpod_id: str,
-        progress: Progress,
-        started: float,
-        metrics: dict,
-        deadline: float,
-        timings: dict,
-    ) -> dict[str, Any]:
-        w, s = self.worker, self.settings
+    def generate(self, run: JobRun) -> Outcome:
+        rt, s, job = self.rt, self.settings, run.job
+        # 2. plan, and refuse at once what cannot fit in JOB_TIMEOUT_S
         plan = self.plan(job)
         if len(plan) > 1 and job.frames_adjustment in job.adjustments:
             job.adjustments.remove(job.frames_adjustment)  # segmented: the count is exact
-        estimate = self._check_estimate(job, plan, deadline)
-        warnings: list[str] = [*job.adjustments]
-        if job.ignored_overrides:
-            warnings.append("ignored overrides: " + ", ".join(job.ignored_overrides))
-        if job.ignored_fields:
-            warnings.append("ignored fields: " + ", ".join(job.ignored_fields))
-
-        mode, images = w._references(job, progress, timings, warnings, deadline)
-        pipelines = [self._pipeline(mode, seg, len(plan)) for seg in plan]
+            run.warnings.remove(job.frames_adjustment)
+        estimate = self._check_estimate(job, plan, run.deadline)
+        # 3. references, and the pipelines they select per segment
+        refs = stages.fetch_references(rt, run)
+        pipelines = [self._pipeline(refs.mode, seg, len(plan)) for seg in plan]
         models = [
             model_pipeline(self._segment_job(job, seg, p), Conditioning(p))
             for seg, p in zip(plan, pipelines, strict=True)
         ]
-        missing = [p for p in dict.fromkeys(models) if not w.manager.ready(p)]
-        if missing:
-            progress.enter("loading")
-            t = time.perf_counter()
-            for name in missing:
-                w.manager.pipeline(name)
-            timings["loading"] = time.perf_counter() - t
-
+        stages.load(rt, run, models)
+        # 4. enhance
         given = [job.segment_prompts[i] if i < len(job.segment_prompts) else job.prompt for i in range(len(plan))]
-        prompts, enhancements = self._enhance(job, given, progress, timings, warnings)
-        if time.monotonic() > deadline:
-            raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={s.job_timeout_s:g}s before generation")
-
-        progress.enter("generating", step=0, total_steps=job.steps, reference_mode=mode, segment=1, segments=len(plan))
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        with tempfile.TemporaryDirectory(prefix=f"wan-{job.job_id}-", dir=s.work_dir) as tmp:
-            out_dir = Path(tmp)
-            try:
-                records, meter, conds = self._segments(
-                    job, plan, pipelines, prompts, mode, images, progress, deadline, out_dir
-                )
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                raise WorkerError(
-                    f"disk full: no space left in WORK_DIR ({s.work_dir or tempfile.gettempdir()}) while writing "
-                    "the video; the job was not completed",
-                    code=ErrorCode.DISK_FULL,
-                    retryable=True,
-                ) from None
+        prompts = stages.enhance(rt, run, given, segments=True)
+        run.check_deadline(s, "before generation")
+        # 5.-6. generate and encode: segment by segment into the MP4
+        run.progress.enter(
+            "generating", step=0, total_steps=job.steps, reference_mode=refs.mode, segment=1, segments=len(plan)
+        )
+        stages.reset_peak_memory()
+        with stages.work_dir(s, job) as out_dir:
+            with stages.disk_full_is_retryable(s, "video"):
+                records, meter, conds = self._segments(run, plan, pipelines, prompts.used, refs, out_dir)
             for key in ("text_encoding", "denoising", "vae_decode", "stitching"):
-                timings[key] = sum(r["timings"][key] for r in records)
-            if time.monotonic() > deadline:
-                raise JobTimeout(f"job exceeded JOB_TIMEOUT_S={s.job_timeout_s:g}s before upload")
+                run.timings[key] = sum(r["timings"][key] for r in records)
             media = EncodedMedia(
                 out_dir / "0.mp4",
                 out_dir / "0.thumb.webp",
@@ -163,86 +126,25 @@ class LongVideo:
                 job.fps,
                 round(meter.frames / job.fps, 4),
             )
-            progress.enter("uploading")
-            t = time.perf_counter()
-            stored, thumb = w.store(job, runpod_id, media, warnings)
-            timings["uploading"] = time.perf_counter() - t
-            file_size = media.path.stat().st_size
-        timings["total"] = time.perf_counter() - started
-        peak_vram = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else None
-
-        seams, max_ratio = meter.report()
-        vace = [c for c in conds if c.pipeline == "vace"]
-        asset = Asset(
-            type="video",
-            url=stored.url,
-            thumbnail_url=thumb.url,
-            path=stored.path,
-            thumbnail_path=thumb.path,
-            metadata=AssetMetadata(
-                width=media.width,
-                height=media.height,
-                frames=media.frames,
-                fps=media.fps,
-                duration_seconds=media.duration_seconds,
-                file_size_bytes=file_size,
-                format="mp4",
-                seed=job.seed,
-                pipeline="vace" if vace else "t2v",
-                reference_mode_requested=job.reference_mode_requested,
-                reference_mode_applied=mode,  # type: ignore[arg-type]
-                denoise_strength=vace[0].denoise_strength if vace else None,
-                conditioning_scale=vace[0].conditioning_scale if vace else None,
-                resize_policy=RESIZE_POLICY if images else None,
-                conditioning={
-                    "segments": len(plan),
-                    "kept_frames": [seg.kept for seg in plan],
-                    "reference_images": [len(c.kwargs.get("reference_images") or []) for c in conds],
-                },
-            ),
+            # 7. store
+            stored = stages.store(rt, run, media)
+        # 8. report
+        seams = meter.report()
+        flags = ["seam_jump"] if seams[1] is not None and seams[1] > SEAM_JUMP_RATIO else []
+        return result.long_video(
+            run,
+            refs,
+            prompts,
+            media,
+            stored,
+            records,
+            conds,
+            seams,
+            estimate,
+            s.segment_frames,
+            stages.peak_memory_gib(),
+            flags,
         )
-        enhanced = [e for e in enhancements.values() if e is not None]
-        metadata: dict[str, Any] = {
-            "job_type": job.job_type,
-            "quality": job.quality,
-            "steps": records[0]["steps"],
-            "scheduler_steps": job.steps,
-            "guidance_scale": job.guidance_scale,
-            "flow_shift": job.flow_shift,
-            "seed": job.seed,
-            "seed_source": job.seed_source,
-            "negative_prompt": job.negative_prompt,
-            "prompt": prompts[0],
-            "step_cache": {"mode": job.step_cache, "threshold": records[0]["step_cache_threshold"]},
-            "denoise_source": job.denoise_source,
-            "quality_degraded": None,
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "total_seconds": round(timings["total"], 3),
-            "peak_vram_gib": round(peak_vram, 2) if peak_vram is not None else None,
-            "worker": "wan",
-            "frames_requested": job.requested_frames,
-            "length_field": job.length_field,
-            "overlap_frames": job.overlap_frames,
-            "segment_frames_max": s.segment_frames,
-            "estimated_seconds": round(estimate, 1),
-            "segments": records,
-            "seams": seams,
-            "max_seam_ratio": max_ratio,
-            "enhancement_applied": any(e.enhancement_applied for e in enhanced),
-        }
-        if enhanced:
-            metadata["enhancement_cache_hits"] = sum(e.cache_hit for e in enhanced)
-        flags = ["seam_jump"] if max_ratio is not None and max_ratio > SEAM_JUMP_RATIO else []
-        metrics.update(
-            quality=job.quality,
-            reference_mode=mode,
-            timings=metadata["timings"],
-            peak_vram_gib=metadata["peak_vram_gib"],
-            enhancement_applied=metadata["enhancement_applied"],
-            asset=asset.metadata.model_dump(),
-            flags=flags,
-        )
-        return JobResult(job_id=job.job_id, assets=[asset], metadata=metadata, warnings=warnings).model_dump()
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -272,7 +174,7 @@ class LongVideo:
     def _check_estimate(self, job: Job, plan: list[Segment], deadline: float) -> float:
         """Seconds the generation should take, from measured costs; refuse at once if they
         cannot fit in what JOB_TIMEOUT_S leaves."""
-        costs = self.worker.costs
+        costs = self.rt.costs
         total = 0.0
         for seg in plan:
             pipeline = self._pipeline(job.reference_mode_requested, seg, len(plan))
@@ -294,26 +196,6 @@ class LongVideo:
                 details={"estimated_seconds": round(estimate, 1), "job_timeout_s": self.settings.job_timeout_s},
             )
         return estimate
-
-    def _enhance(
-        self, job: Job, given: list[str], progress: Progress, timings: dict, warnings: list[str]
-    ) -> tuple[list[str], dict[str, Any]]:
-        """Each distinct prompt enhanced once (the Enhancer also caches across jobs)."""
-        results: dict[str, Any] = {p: None for p in given}
-        if not job.enhance_prompt:
-            return given, results
-        progress.enter("enhancing")
-        t = time.perf_counter()
-        for prompt in results:
-            result = self.worker.enhancer.enhance(prompt, job.job_type, job.quality)
-            results[prompt] = result
-            if not result.enhancement_applied:
-                warnings.append(
-                    f"prompt enhancement not applied ({result.reason}) for a segment prompt; the original was used"
-                )
-        timings["enhancing"] = time.perf_counter() - t
-        used = [results[p].enhanced_prompt if results[p].enhancement_applied else p for p in given]
-        return used, results
 
     def _conditioning(
         self, job: Job, seg: Segment, count: int, mode: str, images: dict[str, Image.Image], kept: np.ndarray | None
@@ -342,11 +224,10 @@ class LongVideo:
         return Conditioning("vace", kwargs, scale, denoise)
 
     def _generate(self, job: Job, seg: Segment, prompt: str, cond: Conditioning, progress, deadline) -> Generated:
-        w = self.worker
         try:
-            return w.generator.generate(job, prompt, cond, progress, deadline)
+            return self.rt.generator.generate(job, prompt, cond, progress, deadline)
         except torch.OutOfMemoryError:
-            w.manager.free_memory()
+            self.rt.manager.free_memory()
             raise GenerationFailed(
                 f"out of GPU memory in segment {seg.index + 1} ({seg.frames} frames at {job.width}x{job.height}); "
                 "the job was not completed",
@@ -357,18 +238,16 @@ class LongVideo:
 
     def _segments(
         self,
-        job: Job,
+        run: JobRun,
         plan: list[Segment],
         pipelines: list[str],
         prompts: list[str],
-        mode: str,
-        images: dict[str, Image.Image],
-        progress: Progress,
-        deadline: float,
+        refs: stages.References,
         out_dir: Path,
     ) -> tuple[list[dict], SeamMeter, list[Conditioning]]:
         """Generate, stitch and stream every segment; only the overlap frames outlive one."""
-        costs, count = self.worker.costs, len(plan)
+        job, progress, deadline, mode, images = run.job, run.progress, run.deadline, refs.mode, refs.images
+        costs, count = self.rt.costs, len(plan)
         weights = [seg.frames * self._segment_job(job, seg, p).steps for seg, p in zip(plan, pipelines, strict=True)]
         records: list[dict] = []
         conds: list[Conditioning] = []

@@ -1,4 +1,6 @@
-"""Job types and quality presets, from the seed's tables (WAN_WORKER.md).
+"""The worker's vocabularies, each defined once: job types, qualities, reference modes and
+roles, pipelines. The ``Literal`` types are built from the tables, so a name added to a table
+is accepted by the wire contract too.
 
 A job type fixes what is made (one frame or a video), its default quality and whether the
 prompt is enhanced. A quality preset fixes steps and guidance. Explicit job fields and
@@ -10,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Quality = Literal["turbo", "fast", "balanced", "high"]
 #: ``unipc``: diffusers' UniPC multistep solver (the base model's presets). ``dmd``: one
 #: forward per distilled timestep, predicting the clean latent and re-noising it (dmd.py).
 Sampler = Literal["unipc", "dmd"]
@@ -26,15 +27,16 @@ class QualityPreset:
     step_cache: bool
 
 
-QUALITY_PRESETS: dict[str, QualityPreset] = {
+QUALITY_PRESETS: dict[str, QualityPreset] = {  # the order error messages list them in
     # The distilled model: one forward per distilled timestep, no classifier-free guidance.
     "turbo": QualityPreset(steps=3, guidance_scale=1.0, step_cache=False),
     "fast": QualityPreset(steps=25, guidance_scale=6.5, step_cache=True),
     "balanced": QualityPreset(steps=35, guidance_scale=7.0, step_cache=False),
     "high": QualityPreset(steps=50, guidance_scale=7.5, step_cache=False),
 }
+Quality = Literal[tuple(QUALITY_PRESETS)]  # type: ignore[valid-type]
 
-#: The order the out-of-memory degrade path walks (seed: "Quality Degradation"). ``fast`` and
+#: The order the out-of-memory degrade path walks. ``fast`` and
 #: ``turbo`` are floors: ``fast`` never drops to ``turbo``, which would load a second
 #: transformer when memory is already short and swap the model the job asked for.
 QUALITY_DEGRADE: dict[str, str] = {"high": "balanced", "balanced": "fast"}
@@ -63,6 +65,15 @@ JOB_TYPES: dict[str, JobTypePreset] = {
     "video7b_fast_enhanced": JobTypePreset("video", 81, "fast", True),
     "video7b_high_enhanced": JobTypePreset("video", 81, "high", True),
 }
+JobTypeName = Literal[tuple(JOB_TYPES)]  # type: ignore[valid-type]
+
+#: What a reference image conditions: a subject (``single``), the first or the last frame.
+ReferenceRole = Literal["single", "start", "end"]
+ReferenceMode = Literal["none", "single", "start", "end", "both"]
+#: The diffusers pipeline a job runs: text-to-video, VACE, or image-to-image (video-to-video on one frame).
+Pipeline = Literal["t2v", "vace", "i2i"]
+#: The model manager's pipelines: ``turbo`` is ``t2v`` on the distilled transformer.
+ModelPipeline = Literal["t2v", "turbo", "vace", "i2i"]
 
 # Documented ranges. Width/height must be multiples of 16 for the Wan VAE and patching.
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 480, 832

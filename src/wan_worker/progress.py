@@ -3,7 +3,8 @@
 Each stage owns a slice of 0-100 %. Stage changes are always sent; denoising steps are
 sent at most once per ``min_interval`` seconds (and always on the last step), so a fast
 worker does not flood the job queue with IN_PROGRESS posts. In a local run there is no job
-API to post to, so progress only goes to the log (at debug level).
+API to post to, so progress only goes to the log (at debug level). A ``JobObserver`` sees
+every stage and every step, unthrottled.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from .observer import NO_OBSERVER, JobObserver
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -23,7 +26,6 @@ STAGES: dict[str, tuple[int, int]] = {
     "fetching_references": (2, 4),
     "loading": (4, 10),
     "enhancing": (10, 15),
-    "encoding_prompt": (15, 17),
     "generating": (17, 88),
     "encoding": (88, 94),
     "uploading": (94, 100),
@@ -47,19 +49,27 @@ def runpod_sender(job: dict[str, Any], settings: Settings) -> Sender:
 
 
 class Progress:
-    def __init__(self, send: Sender, *, min_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        send: Sender,
+        *,
+        min_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        observer: JobObserver = NO_OBSERVER,
+    ) -> None:
         self._send = send
+        self.observer = observer
         self._min_interval = min_interval
         self._clock = clock
         self._last_sent = -1e9
         self._stage_started = clock()
         self.stage = "validating"
-        self.sent: list[dict[str, Any]] = []
         self._segment: dict[str, Any] | None = None
 
     def enter(self, stage: str, **extra: Any) -> None:
         self.stage = stage
         self._stage_started = self._clock()
+        self.observer.stage_started(stage)
         self._emit({"stage": stage, "percentage": STAGES[stage][0], **extra})
 
     def segment(self, index: int, count: int, *, done: float, share: float, later_seconds: float) -> None:
@@ -70,6 +80,7 @@ class Progress:
         self._stage_started = self._clock()
 
     def step(self, current: int, total: int) -> None:
+        self.observer.step_finished(current, total)
         now = self._clock()
         if current < total and now - self._last_sent < self._min_interval:
             return
@@ -97,5 +108,4 @@ class Progress:
 
     def _emit(self, payload: dict[str, Any]) -> None:
         self._last_sent = self._clock()
-        self.sent.append(payload)
         self._send(payload)

@@ -13,24 +13,25 @@ names its field. Unknown top-level fields are accepted and reported back as
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from . import presets as P
 from .errors import InvalidInput
 
-JobTypeName = Literal[
-    "image_fast",
-    "image_high",
-    "video_fast",
-    "video_high",
-    "image7b_fast_enhanced",
-    "image7b_high_enhanced",
-    "video7b_fast_enhanced",
-    "video7b_high_enhanced",
-]
-ReferenceMode = Literal["none", "single", "start", "end", "both"]
+JobTypeName = P.JobTypeName
+ReferenceMode = P.ReferenceMode
 Action = Literal["generate", "enhance", "health", "debug_env", "list_loras"]
 
 _SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -261,7 +262,7 @@ class AssetMetadata(BaseModel):
     file_size_bytes: int
     format: Literal["mp4", "png"]
     seed: int
-    pipeline: Literal["t2v", "vace", "i2i"]
+    pipeline: P.Pipeline
     reference_mode_requested: ReferenceMode
     reference_mode_applied: ReferenceMode
     denoise_strength: float | None
@@ -280,9 +281,95 @@ class Asset(BaseModel):
     metadata: AssetMetadata
 
 
-class JobResult(BaseModel):
+class _Sparse(BaseModel):
+    """Serialises only the fields that were given (or assigned), in declaration order: an
+    optional key is absent from the output rather than ``null``, as callers have always seen it."""
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if k in self.model_fields_set or k in self._always}
+
+    _always: ClassVar[frozenset[str]] = frozenset()
+
+
+#: A number kept as given: an ``int`` stays an ``int`` in the JSON (a plain ``float`` field would turn 6 into 6.0).
+Number = float | int
+
+
+class JobMetadata(_Sparse):
+    """The result's ``metadata``: what ran, how long each stage took, and what was adjusted.
+
+    Single-pass jobs set the sampler fields and the ``original_prompt``... block when the prompt
+    was enhanced; long videos set the segment fields instead."""
+
+    job_type: str
+    quality: P.Quality
+    steps: int
+    scheduler_steps: int
+    guidance_scale: Number
+    flow_shift: Number
+    sampler: str | None = None
+    timesteps: list[int] | None = None
+    model: str | None = None
+    sampling_sources: dict[str, Any] | None = None
+    seed: int
+    seed_source: str
+    negative_prompt: str
+    prompt: str
+    step_cache: dict[str, Any]
+    denoise_source: str | None
+    quality_degraded: dict[str, Any] | None
+    timings: dict[str, Number]
+    total_seconds: Number
+    peak_vram_gib: Number | None
+    worker: Literal["wan"] = "wan"
+    # long videos
+    frames_requested: int | None = None
+    length_field: str | None = None
+    overlap_frames: int | None = None
+    segment_frames_max: int | None = None
+    estimated_seconds: Number | None = None
+    segments: list[dict[str, Any]] | None = None
+    seams: list[dict[str, Any]] | None = None
+    max_seam_ratio: Number | None = None
+    # prompt enhancement
+    original_prompt: str | None = None
+    enhanced_prompt: str | None = None
+    enhancement_applied: bool = False
+    enhancement_source: str | None = None
+    enhancement_time: Number | None = None
+    enhancement_cache_hit: bool | None = None
+    enhancement_reason: str | None = None
+    enhancement_cache_hits: int | None = None
+
+    _always: ClassVar[frozenset[str]] = frozenset({"worker"})
+
+
+class JobResult(_Sparse):
     status: Literal["completed"] = "completed"
     job_id: str
     assets: list[Asset]
-    metadata: dict[str, Any]
+    metadata: JobMetadata
     warnings: list[str] = []
+    #: Set once the signed callback was attempted (``CALLBACK_URL`` and ``CALLBACK_SECRET``).
+    callback_delivered: bool | None = None
+
+    _always: ClassVar[frozenset[str]] = frozenset({"status", "warnings"})
+
+
+class JobFailure(_Sparse):
+    """A job that did not complete: ``WorkerError.to_output`` plus the job id and callback outcome."""
+
+    error: str
+    error_code: str
+    retryable: bool
+    field: str | None = None
+    details: dict[str, Any] | None = None
+    refresh_worker: bool | None = None
+    job_id: str | None = None
+    warnings: list[str] | None = None
+    callback_delivered: bool | None = None
+
+
+JobOutput = JobResult | JobFailure
