@@ -335,7 +335,7 @@ def test_too_long_for_job_timeout_fails_up_front(tiny_models, calls):
         ({"frame_num": 722}, "frame_num"),  # > 60 s at 12 fps
         ({"frame_num": 6, "segment_prompts": ["a", "b", "c"]}, "segment_prompts"),
         ({"segment_prompts": "a"}, "segment_prompts"),
-        ({"segment_prompts": [1]}, "segment_prompts.0"),
+        ({"segment_prompts": [1]}, "segment_prompts[0]"),
         ({"segment_prompts": [" "]}, "segment_prompts"),
         ({"job_type": "image_fast", "duration_seconds": 5}, "duration_seconds"),
         ({"job_type": "image_fast", "overlap_frames": None, "segment_prompts": ["a"]}, "segment_prompts"),
