@@ -1,4 +1,4 @@
-"""The platform's job callback (issue 6), against a real local HTTP receiver.
+"""The platform's job callback, against a real local HTTP receiver.
 
 The receiver verifies ``X-Callback-Signature: sha256=<HMAC-SHA256(secret, raw body)>`` as the
 platform's edge function does, answers with scripted statuses, and counts deliveries.

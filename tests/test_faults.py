@@ -1,4 +1,4 @@
-"""Fault injection (issue 6): every fault is injected for real, in process.
+"""Fault injection: every fault is injected for real, in process.
 
 In each case nothing is lost: either the assets are uploaded and reported, or the job fails
 with a clear error that says whether a retry may succeed; and the per-job temp directory

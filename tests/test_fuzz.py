@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the handler (issue 6) with hypothesis.
+"""Property-based fuzzing of the handler with hypothesis.
 
 Arbitrary JSON, mutated real jobs (wrong types, huge numbers and strings, NaN/inf, deep
 nesting, unknown keys), every job type crossed with every reference mode, invalid base64 and

@@ -1,6 +1,6 @@
-"""RunPod polish (issue 6): the Hub files, concurrency_modifier, and what handler.py starts.
+"""RunPod polish: the Hub files, concurrency_modifier, and what handler.py starts.
 
-The structure checked is the Hub's (FACTS.md section 3 and RunPod's publishing guide):
+The structure checked is the Hub's (RunPod's publishing guide):
 ``hub.json`` {title, description, type, category, config{runsOn, containerDiskInGb, gpuCount,
 gpuIds, allowedCudaVersions, env[{key, input{name, type, description, default}}]}} and
 ``tests.json`` {tests[{name, input, timeout}], config{gpuTypeId, gpuCount, env[{key, value}],

@@ -1,4 +1,4 @@
-"""Metrics and logs (issue 6): one JSON ``job_metrics`` line per job, hashed prompts, and no
+"""Metrics and logs: one JSON ``job_metrics`` line per job, hashed prompts, and no
 secret value anywhere in logs, outputs or callbacks, across every job type and error path.
 
 Privacy decision (docs/OPERATIONS.md): prompts appear in logs only as ``prompt_sha256`` (the

@@ -371,3 +371,14 @@ def test_cache_is_lru_bounded_and_counted_in_the_budget(tiny_models, lora_dir):
     report = runtime.manager.memory_report()
     assert report["accounted_gib"]["lora_cache"] == round(runtime.cache_bytes() / 1024**3, 3)
     assert runtime.manager.resident_bytes() == runtime.cache_bytes()  # no model loaded: the cache is all it holds
+
+
+def test_turbo_job_ignores_sidecar_sampling_defaults(tmp_path):
+    """Turbo's distilled schedule is fixed: a DMD sidecar's steps and timesteps don't reach it."""
+    from wan_worker.loras import LoraDefaults, LoraFile, _apply_defaults
+
+    job = build_job(parse_job_input({"prompt": "a fox", "quality": "turbo", "loras": [{"name": "dmd"}]}), "t")
+    before = (job.steps, job.timesteps, job.sampler, job.flow_shift, dict(job.sampling_sources))
+    sidecar = LoraDefaults(steps=2, sampler="dmd", timesteps=[900, 400], flow_shift=3.0)
+    _apply_defaults(job, [LoraFile(job.loras[0], tmp_path / "dmd.safetensors", "0" * 64, sidecar, ("dmd", 0, 0))])
+    assert (job.steps, job.timesteps, job.sampler, job.flow_shift, job.sampling_sources) == before

@@ -1075,7 +1075,7 @@ class Bench:
         }
 
     def reference(self) -> dict[str, Any]:
-        """Plain diffusers WanPipeline, eager, FACTS' dtypes (VAE fp32), same weights/prompt/seed."""
+        """Plain diffusers WanPipeline, eager, the worker's dtypes (VAE fp32), same weights/prompt/seed."""
         import torch
         from diffusers import UniPCMultistepScheduler, WanPipeline
 
@@ -1573,7 +1573,7 @@ class Bench:
             finally:
                 gen_utils.DeferredStopCheck.is_supported = patched
         res["ablations"] = ablations
-        # eager baseline: dynamic cache, no compile (FACTS' 11.7 tok/s)
+        # eager baseline: dynamic cache, no compile
         m = 8 if self.tiny else 40
         t1, _ = gen(1, disable_compile=True, cache_implementation="dynamic")
         tn, got = gen(m, disable_compile=True, cache_implementation="dynamic")

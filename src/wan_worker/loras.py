@@ -467,7 +467,10 @@ def _naming(req: LoraRequest) -> Iterator[None]:
 
 
 def _apply_defaults(job: Job, files: list[LoraFile]) -> None:
-    """Sidecar defaults fill what the job did not set itself; two sidecars must agree."""
+    """Sidecar defaults fill what the job did not set itself; two sidecars must agree. A turbo
+    job keeps its fixed distilled schedule, so sidecars' sampling defaults don't apply to it."""
+    if job.quality == "turbo":
+        return
     for lora in files:
         if lora.defaults is None:
             continue
@@ -475,8 +478,8 @@ def _apply_defaults(job: Job, files: list[LoraFile]) -> None:
         for key, value in lora.defaults.model_dump(exclude_none=True).items():
             value = tuple(value) if isinstance(value, list) else value
             source = job.sampling_sources.get(key, "")
-            if source.startswith(("config.", "exact_copy_mode", "quality:turbo")):
-                continue  # the job's own value (or turbo's fixed schedule) wins
+            if source.startswith(("config.", "exact_copy_mode")):
+                continue  # the job's own value wins
             if source.startswith("lora:") and getattr(job, key) != value:
                 raise InvalidInput(
                     f"{field}: its sidecar sets {key}={value}, but {source} already set {getattr(job, key)}",
