@@ -247,6 +247,20 @@ def test_three_segments_continue_each_other(worker, calls, tmp_path, captured_lo
     assert [p["percentage"] for p in steps] == sorted(p["percentage"] for p in steps)
 
 
+def test_turbo_long_video_continues_with_vace_at_fast(worker, calls):
+    """Turbo makes segment 1 on its distilled transformer; the continuations have no distilled
+    model, so they run VACE at ``fast`` (UniPC with CFG), and the metadata says so."""
+    recorded, _ = calls
+    job = {**BASE, "frame_num": 7, "quality": "turbo", "config": {"num_inference_steps": 1}}
+    out = handle(worker, job)
+    assert out["status"] == "completed", out
+    segments = out["metadata"]["segments"]
+    assert [(s["pipeline"], s["quality"]) for s in segments] == [("turbo", "turbo"), ("vace", "fast"), ("vace", "fast")]
+    assert [s["steps"] for s in segments] == [1, 25, 25]
+    assert [c["kwargs"]["guidance_scale"] for c in recorded] == [1.0, 6.5, 6.5]
+    assert out["assets"][0]["metadata"]["frames"] == 7
+
+
 @pytest.mark.parametrize(
     "mode, fields, kept_first, kept_last",
     [
