@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from wan_worker.errors import ErrorCode
+from wan_worker.presets import JOB_TYPES as PRESET_JOB_TYPES
 
 COMMON = dict(
     deadline=None,
@@ -48,16 +49,7 @@ def examples(test: str) -> settings:
     return settings(max_examples=ci, derandomize=True, **COMMON)
 
 
-JOB_TYPES = [
-    "image_fast",
-    "image_high",
-    "video_fast",
-    "video_high",
-    "image7b_fast_enhanced",
-    "image7b_high_enhanced",
-    "video7b_fast_enhanced",
-    "video7b_high_enhanced",
-]
+JOB_TYPES = list(PRESET_JOB_TYPES)  # the one vocabulary, in its order
 MODES = ["none", "single", "start", "end", "both"]
 ERROR_CODES = {code.value for code in ErrorCode} - {ErrorCode.INTERNAL_ERROR}
 PER_JOB_LIMIT_S = 90  # a "hang" is anything slower than this, for jobs this small

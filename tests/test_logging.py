@@ -32,16 +32,9 @@ from conftest import (
     worker_env,
 )
 
-JOB_TYPES = [
-    "image_fast",
-    "image_high",
-    "video_fast",
-    "video_high",
-    "image7b_fast_enhanced",
-    "image7b_high_enhanced",
-    "video7b_fast_enhanced",
-    "video7b_high_enhanced",
-]
+from wan_worker.presets import JOB_TYPES as PRESET_JOB_TYPES
+
+JOB_TYPES = list(PRESET_JOB_TYPES)  # the one vocabulary, in its order
 METRIC_FIELDS = {
     "event",
     "worker",

@@ -1875,17 +1875,9 @@ def child_residency(args: argparse.Namespace) -> dict[str, Any]:
     }
     steps = {"num_inference_steps": args.residency_steps}
     jobs: list[tuple[str, dict]] = []
-    for jt in (
-        "image_fast",
-        "image_high",
-        "video_fast",
-        "video_high",
-        "image7b_fast_enhanced",
-        "image7b_high_enhanced",
-        "video7b_fast_enhanced",
-        "video7b_high_enhanced",
-    ):
-        jobs.append((jt, {"job_type": jt}))
+    from .presets import JOB_TYPES
+
+    jobs += [(jt, {"job_type": jt}) for jt in JOB_TYPES]
     jobs += [
         (
             "video_fast+single",
