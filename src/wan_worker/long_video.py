@@ -276,13 +276,13 @@ class LongVideo:
                 generated = self._generate(run, seg, prompts[seg.index], cond, progress, deadline)
                 frames, steps_run = generated.frames, generated.steps_run
                 threshold, gen_timings = generated.step_cache_threshold, generated.timings
-                del generated  # the segment's float32 frames live in ``frames`` only, until converted
+                del generated  # the segment's frames live in ``frames`` only
                 forwards = steps_run * (2 if run.guidance_scale > 1 else 1)
                 costs.record(cond.pipeline, job.width, job.height, seg.frames, forwards, gen_timings)
 
                 t = time.perf_counter()
-                if held is not None:
-                    match_colour(frames, held)
+                if held is not None:  # stitched in float, then back to uint8
+                    frames = match_colour(frames.astype(np.float32) / 255.0, held)
                     frames[: seg.kept] = crossfade(held, frames[: seg.kept])
                 out = to_uint8(frames)
                 del frames

@@ -1,16 +1,18 @@
 """Encoding generated frames: MP4 (H.264, yuv420p, faststart), PNG, and WEBP thumbnails.
 
-The CPU stages overlap: frames are converted to 8-bit one at a time while the ffmpeg
-process encodes the previous ones (converting the whole clip first cost more than the
-encode itself), and the thumbnail is made in a thread meanwhile.
+The CPU stages overlap the GPU: a video's frames reach the MP4 while the VAE is still
+decoding the rest (``VideoStream`` feeds ffmpeg from its own thread), and the thumbnail is
+made in a thread while the MP4 is finished.
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import queue
 import shutil
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,37 +67,66 @@ def _video_writer(path: Path, fps: int):
     )
 
 
-def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
-    with _video_writer(path, fps) as writer:
-        for frame in frames:
-            writer.append_data(to_uint8(frame))  # converted while ffmpeg encodes the last one
-    check_mp4(path)
-
-
 class VideoStream:
-    """An MP4 written piece by piece: a long video appends each segment once it is decoded,
-    so host memory holds one segment, never the clip. ``close`` finishes and checks it."""
+    """An MP4 written piece by piece without making the caller wait: ``append`` only queues
+    the frames, and a writer thread hands them to ffmpeg. So the VAE goes on decoding a clip,
+    or a long video goes on to its next segment, while the encoder works; only what is
+    queued is held. Errors surface at ``close``, which finishes and checks the file."""
 
     def __init__(self, path: Path, fps: int) -> None:
         self.path = path
         self.frames = 0
         self._writer = _video_writer(path, fps)
+        self._queue: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="mp4-writer", daemon=True)
+        self._thread.start()
 
     def append(self, frames: np.ndarray) -> None:
-        for frame in frames:
-            self._writer.append_data(to_uint8(frame))
-            self.frames += 1
+        """Queue (F, H, W, 3) frames, uint8 or float in [0, 1]."""
+        self._queue.put(frames)
+        self.frames += len(frames)
+
+    def _drain(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so nothing waits on a dead encoder
+            try:
+                for frame in frames:
+                    self._writer.append_data(to_uint8(frame))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by close()
+                self._error = exc
+
+    def _stop_writer_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def close(self) -> None:
+        self._stop_writer_thread()
+        if self._error is not None:
+            self.abort()
+            if _disk_full(self.path):
+                raise _no_space(self.path)
+            raise self._error
         self._writer.close()
         check_mp4(self.path)
 
     def abort(self) -> None:
         """Stop ffmpeg after a failure; the partial file is the caller's to delete."""
+        self._stop_writer_thread()
         try:
             self._writer.close()
         except Exception:  # noqa: BLE001 - the job has already failed for a better reason
             pass
+
+
+def _disk_full(path: Path) -> bool:
+    return shutil.disk_usage(path.parent).free < 1024 * 1024
+
+
+def _no_space(path: Path) -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device: ffmpeg could not finish the MP4", str(path))
 
 
 def check_mp4(path: Path) -> None:
@@ -120,8 +151,8 @@ def check_mp4(path: Path) -> None:
             pos += box_size
     if pos == size and {b"moov", b"mdat"} <= kinds:
         return
-    if shutil.disk_usage(path.parent).free < 1024 * 1024:
-        raise OSError(errno.ENOSPC, "No space left on device: ffmpeg could not finish the MP4", str(path))
+    if _disk_full(path):
+        raise _no_space(path)
     raise RuntimeError(f"ffmpeg wrote an incomplete MP4 ({path.name}, {size} bytes)")
 
 
@@ -132,16 +163,21 @@ def write_thumbnail(frame: np.ndarray, path: Path) -> None:
     image.save(path, format="WEBP", quality=THUMB_QUALITY)
 
 
-def encode(frames: np.ndarray, out_dir: Path, *, as_video: bool, fps: int) -> EncodedMedia:
-    """Write the asset and its mid-frame thumbnail into ``out_dir``."""
+def encode(
+    frames: np.ndarray, out_dir: Path, *, as_video: bool, fps: int, stream: VideoStream | None = None
+) -> EncodedMedia:
+    """Write the asset and its mid-frame thumbnail into ``out_dir``. A video whose frames
+    already went into ``stream`` while they were decoded is only finished here."""
     count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
     thumb = out_dir / "0.thumb.webp"
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="thumbnail") as pool:
         thumb_done = pool.submit(write_thumbnail, frames[count // 2], thumb)
         if as_video:
-            path = out_dir / "0.mp4"
-            write_video(frames, path, fps)
-            result = EncodedMedia(path, thumb, "mp4", "video/mp4", width, height, count, fps, round(count / fps, 4))
+            if stream is None:
+                stream = VideoStream(out_dir / "0.mp4", fps)
+                stream.append(frames)
+            stream.close()
+            result = EncodedMedia(stream.path, thumb, "mp4", "video/mp4", width, height, count, fps, round(count / fps, 4))
         else:
             path = out_dir / "0.png"
             Image.fromarray(to_uint8(frames[0])).save(path, format="PNG")

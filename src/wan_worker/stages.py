@@ -25,7 +25,7 @@ from .enhance import Enhancement, Enhancer
 from .errors import ErrorCode, GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
 from .generate import Conditioning, Generated, Generator
 from .jobs import Job
-from .media import EncodedMedia, encode
+from .media import EncodedMedia, VideoStream, encode
 from .models import ModelManager
 from .progress import Progress
 from .readiness import Readiness
@@ -85,13 +85,15 @@ class Prompts:
 
 @dataclass
 class Generation:
-    """A single-pass job's frames and how they were made (the quality may have degraded)."""
+    """A single-pass job's frames and how they were made (the quality may have degraded).
+    A video's frames are already in ``stream``, encoding since they were decoded."""
 
     generated: Generated
     run_job: Job
     cond: Conditioning
     degraded: dict[str, str] | None
     peak_vram_gib: float | None
+    stream: VideoStream | None = None
 
 
 @dataclass
@@ -184,16 +186,30 @@ def enhance(rt: Runtime, run: JobRun, given: list[str], *, segments: bool = Fals
 # -- 5. generate ---------------------------------------------------------------------------------
 
 
-def generate(rt: Runtime, run: JobRun, prompt: str, cond: Conditioning, refs: References) -> Generation:
-    """Generate; on CUDA out-of-memory free memory and retry once at the next lower quality,
-    then fail retryable and ask for a fresh worker."""
+def generate(
+    rt: Runtime, run: JobRun, prompt: str, cond: Conditioning, refs: References, out_dir: Path
+) -> Generation:
+    """Generate, a video streaming into ``out_dir``'s MP4 as it is decoded; on CUDA
+    out-of-memory free memory and retry once at the next lower quality, then fail retryable
+    and ask for a fresh worker."""
     job = run.job
     run.check_deadline(rt.settings, "before generation")
     run.progress.enter("generating", step=0, total_steps=job.steps, reference_mode=refs.mode)
     reset_peak_memory()
     run_job, degraded = job, None
+
+    def attempt(attempt_job: Job) -> tuple[Generated, VideoStream | None]:
+        stream = VideoStream(out_dir / "0.mp4", job.fps) if job.kind == "video" else None
+        try:
+            sink = stream.append if stream is not None else None
+            return rt.generator.generate(attempt_job, prompt, cond, run.progress, run.deadline, sink), stream
+        except BaseException:
+            if stream is not None:
+                stream.abort()  # a retry starts the file over
+            raise
+
     try:
-        generated = rt.generator.generate(job, prompt, cond, run.progress, run.deadline)
+        generated, stream = attempt(job)
     except torch.OutOfMemoryError:
         rt.manager.free_memory()
         lower = P.QUALITY_DEGRADE.get(job.quality, job.quality)
@@ -202,7 +218,7 @@ def generate(rt: Runtime, run: JobRun, prompt: str, cond: Conditioning, refs: Re
         log.warning("out of memory, degrading quality", extra=degraded)
         run_job = job.with_quality(lower)  # type: ignore[arg-type]
         try:
-            generated = rt.generator.generate(run_job, prompt, cond, run.progress, run.deadline)
+            generated, stream = attempt(run_job)
         except torch.OutOfMemoryError:
             rt.manager.free_memory()
             raise GenerationFailed(
@@ -214,7 +230,7 @@ def generate(rt: Runtime, run: JobRun, prompt: str, cond: Conditioning, refs: Re
     run.timings.update(generated.timings)
     forwards = generated.steps_run * (2 if run_job.guidance_scale > 1.0 else 1)
     rt.costs.record(cond.pipeline, job.width, job.height, job.num_frames, forwards, generated.timings)
-    return Generation(generated, run_job, cond, degraded, peak_memory_gib())
+    return Generation(generated, run_job, cond, degraded, peak_memory_gib(), stream)
 
 
 def reset_peak_memory() -> None:
@@ -253,14 +269,21 @@ def disk_full_is_retryable(settings: Settings, kind: str) -> Iterator[None]:
 
 
 def encode_media(rt: Runtime, run: JobRun, generation: Generation, out_dir: Path) -> EncodedMedia:
-    job = run.job
-    run.progress.observer.frames_decoded(generation.generated.frames)
-    run.progress.enter("encoding")
-    t = time.perf_counter()
-    with disk_full_is_retryable(rt.settings, job.kind):
-        media = encode(generation.generated.frames, out_dir, as_video=job.kind == "video", fps=job.fps)
-    run.timings["encoding"] = time.perf_counter() - t
-    return media
+    """Finish the asset and its thumbnail; for a video, what encoding is left after the decode."""
+    job, stream = run.job, generation.stream
+    try:
+        run.progress.observer.frames_decoded(generation.generated.frames)
+        run.progress.enter("encoding")
+        t = time.perf_counter()
+        with disk_full_is_retryable(rt.settings, job.kind):
+            media = encode(
+                generation.generated.frames, out_dir, as_video=job.kind == "video", fps=job.fps, stream=stream
+            )
+        run.timings["encoding"] = time.perf_counter() - t
+        return media
+    finally:
+        if stream is not None:
+            stream.abort()  # after ``close`` a no-op; otherwise it stops ffmpeg
 
 
 # -- 7. store ------------------------------------------------------------------------------------

@@ -150,9 +150,9 @@ class Worker:
         stages.load(rt, run, [pipeline])
         # 4. enhance
         prompts = stages.enhance(rt, run, [job.prompt])
-        # 5. generate
-        generation = stages.generate(rt, run, prompts.used[0], cond, refs)
         with stages.work_dir(self.settings, job) as out_dir:
+            # 5. generate (a video is encoded into out_dir while it is decoded)
+            generation = stages.generate(rt, run, prompts.used[0], cond, refs, out_dir)
             # 6. encode
             media = stages.encode_media(rt, run, generation, out_dir)
             # 7. store
