@@ -20,6 +20,7 @@ from conftest import handle, png_data_uri, run_test_input, tiny_worker, worker_e
 from diffusers import WanPipeline, WanVACEPipeline
 from mediacheck import probe_video
 
+from wan_worker.generate import DecodedFrames
 from wan_worker.long_video import LongVideo
 from wan_worker.media import to_uint8
 from wan_worker.segments import MIN_NEW_FRAMES, CostModel, plan_segments
@@ -46,17 +47,26 @@ def worker(tiny_models):
 
 @pytest.fixture
 def calls(monkeypatch, worker):
-    """What each real pipeline receives and returns, and the prompt each generation encodes."""
+    """What each real pipeline receives, the frames the worker decoded from it (float in
+    [0, 1]), and the prompt each generation encodes."""
     recorded: list[dict] = []
     for cls in (WanPipeline, WanVACEPipeline):
         original = cls.__call__
 
         def spy(self, *args, _original=original, _name=cls.__name__, **kwargs):
             result = _original(self, *args, **kwargs)
-            recorded.append({"name": _name, "kwargs": kwargs, "frames": np.array(result.frames[0])})
+            recorded.append({"name": _name, "kwargs": kwargs})
             return result
 
         monkeypatch.setattr(cls, "__call__", spy)
+    decoded = DecodedFrames.frames
+
+    def frames_spy(self, output):
+        frames = decoded(self, output)
+        recorded[-1]["frames"] = frames.astype(np.float32) / 255.0
+        return frames
+
+    monkeypatch.setattr(DecodedFrames, "frames", frames_spy)
     prompts: list[str] = []
     encode = worker.generator.encode_prompt
 

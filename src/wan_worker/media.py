@@ -177,7 +177,9 @@ def encode(
                 stream = VideoStream(out_dir / "0.mp4", fps)
                 stream.append(frames)
             stream.close()
-            result = EncodedMedia(stream.path, thumb, "mp4", "video/mp4", width, height, count, fps, round(count / fps, 4))
+            result = EncodedMedia(
+                stream.path, thumb, "mp4", "video/mp4", width, height, count, fps, round(count / fps, 4)
+            )
         else:
             path = out_dir / "0.png"
             Image.fromarray(to_uint8(frames[0])).save(path, format="PNG")

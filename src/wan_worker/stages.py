@@ -186,9 +186,7 @@ def enhance(rt: Runtime, run: JobRun, given: list[str], *, segments: bool = Fals
 # -- 5. generate ---------------------------------------------------------------------------------
 
 
-def generate(
-    rt: Runtime, run: JobRun, prompt: str, cond: Conditioning, refs: References, out_dir: Path
-) -> Generation:
+def generate(rt: Runtime, run: JobRun, prompt: str, cond: Conditioning, refs: References, out_dir: Path) -> Generation:
     """Generate, a video streaming into ``out_dir``'s MP4 as it is decoded; on CUDA
     out-of-memory free memory and retry once at the next lower quality, then fail retryable
     and ask for a fresh worker."""
