@@ -45,7 +45,7 @@ architectures (random weights cost exactly what trained weights cost per step):
 * **fp8** - the same-seed ``video_fast`` job in bf16 and ``PRECISION=fp8``, each in a fresh
   process: end to end, per forward, warm-up compile time, PSNR of fp8 vs bf16 frames.
 
-A plain ``--tiny`` (CI) leaves out fp8, turbo, turbo_residency, lora and long; ``--sections``
+A plain ``--tiny`` (CI) leaves out fp8, turbo, throughput, turbo_residency, lora and long; ``--sections``
 runs them on the tiny profile too.
 
 ``versions`` records the stack the run used (python, torch, CUDA, triton, diffusers,

@@ -57,7 +57,7 @@ SECTIONS: dict[str, Section] = {
     "fp8": precision.fp8,
 }
 #: More workers and jobs: a plain ``--tiny`` (CI) leaves them out; ``--sections`` runs them.
-NOT_IN_PLAIN_TINY = ("fp8", "turbo", "turbo_residency", "lora", "long")
+NOT_IN_PLAIN_TINY = ("fp8", "turbo", "throughput", "turbo_residency", "lora", "long")
 #: ``--child``: what a fresh process started by a section runs (fresh CUDA context).
 CHILDREN: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "cold_start": coldstart.child_cold_start,
@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--throughput-jobs",
         type=int,
         default=3,
-        help="throughput: back-to-back jobs per job type (at most 2 with --tiny)",
+        help="throughput: back-to-back jobs per job type",
     )
     p.add_argument("--lora-rank", type=int, default=32, help="lora: rank of the two benchmark LoRAs")
     p.add_argument("--lora-steps", type=int, default=10, help="lora: denoising steps of its video_fast jobs")

@@ -125,7 +125,7 @@ def worker_runs(ctx: Context) -> dict[str, Any]:
     for threshold in thresholds:
         # STEP_CACHE_THRESHOLD is process-wide: another threshold gets a warm worker of its own
         runner, own = (worker, None) if threshold == default else ctx.new_worker(step_cache_threshold=threshold)
-        if own is not None:
+        if own is not None and not ctx.tiny:  # --tiny compiles nothing: no first-call costs to absorb
             own["warm_job"] = _warm_job(ctx, runner)
         run = run_job(runner, ctx.job(id=f"cached-{threshold:g}", step_cache="on"))
         frames = run.pop("_frames", None)

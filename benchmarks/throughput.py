@@ -22,7 +22,7 @@ def throughput(ctx: Context) -> dict[str, Any]:
     """``--throughput-jobs`` ``video_fast`` jobs and as many turbo videos on the warm worker,
     each job type after one warm-up job."""
     worker, res = ctx.warm_worker()
-    jobs = min(ctx.args.throughput_jobs, 2) if ctx.tiny else ctx.args.throughput_jobs
+    jobs = ctx.args.throughput_jobs
     res["jobs_per_type"] = jobs
     kinds = {"video_fast": lambda tag: ctx.job(id=f"throughput-fast-{tag}", step_cache="off")}
     if ctx.turbo_written():
