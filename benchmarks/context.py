@@ -54,6 +54,7 @@ class Context:
         self.frames_worker: np.ndarray | None = None
         self.s3 = None  # wan_worker.local_s3.S3Server once the s3_server section started one
         self.worker = None  # the warm wan_worker.worker.Worker, shared by the sections that allow it
+        self.worker_origin = "the worker section's (warm)"  # what the sections reusing it record
 
     @property
     def sections(self) -> dict[str, Any]:
@@ -124,10 +125,10 @@ class Context:
         """The shared warm worker when there is one and no override asks for another, else a new
         one (kept as the shared one when it has the default settings)."""
         if not overrides and self.worker is not None:
-            return self.worker, {"worker": "the worker section's (warm)"}
+            return self.worker, {"worker": self.worker_origin}
         worker, info = self.new_worker(**overrides)
         if not overrides:
-            self.worker = worker
+            self.worker, self.worker_origin = worker, "an earlier section's (warm)"
         return worker, info
 
     def child_env(self, settings) -> dict[str, str]:
@@ -142,7 +143,8 @@ class Context:
             if hasattr(value, "get_secret_value"):
                 value = value.get_secret_value()
             env[key.upper()] = str(value)
-        paths = [str(ROOT), str(Path(wan_worker.__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+        package_root = str(Path(next(iter(wan_worker.__path__))).resolve().parent)
+        paths = dict.fromkeys([str(ROOT), package_root, *env.get("PYTHONPATH", "").split(os.pathsep)])
         env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in paths if p))
         return env
 

@@ -147,7 +147,7 @@ def worker_runs(ctx: Context) -> dict[str, Any]:
     failed = [k for k, v in res.items() if isinstance(v, dict) and v.get("status") == "failed"]
     if failed and ctx.s3 is not None:  # say why the storage refused, not only that it did
         res["s3_log_tail"] = (ctx.s3.data_dir / "weed.log").read_text(errors="replace")[-3000:]
-    ctx.worker = worker
+    ctx.worker, ctx.worker_origin = worker, "the worker section's (warm)"
     return res
 
 
