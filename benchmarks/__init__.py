@@ -20,7 +20,8 @@ architectures (random weights cost exactly what trained weights cost per step):
 * **reference** - plain diffusers ``WanPipeline``, eager, same weights, prompt and seed.
 * **worker** - ``Worker.handle`` end to end (job start to uploaded assets), uncached and with
   the step cache; per-step times, stage times, PSNR of the decoded frames vs the reference
-  (uncached) and vs the uncached worker run (cached).
+  (uncached) and vs the uncached worker run (cached). The step-cache threshold is process-wide,
+  so each ``--cache-thresholds`` value other than the default runs on a warm worker of its own.
 * **cpu_stages** - MP4 + thumbnail + upload on the decoded frames and on a natural-looking
   clip, per x264 preset, with the encoded video's PSNR.
 * **qwen** - load time from local disk, decode tokens/s as configured, without the deferred stop

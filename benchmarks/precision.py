@@ -31,9 +31,7 @@ def fp8(ctx: Context) -> dict[str, Any]:
         extra = ["--frames-out", str(frames_path), "--height", str(ctx.height), "--width", str(ctx.width)]
         extra += ["--frames", str(ctx.frames), "--steps", str(ctx.steps)]
         runs[precision] = ctx.run_child("precision_run", extra, env, timeout=1800)
-        if "error" in runs[precision]:
-            continue
-        if frames_path.exists():
+        if "error" not in runs[precision] and frames_path.exists():
             frames[precision] = np.load(frames_path).astype(np.float32)
     out: dict[str, Any] = {"versions": ctx.result.get("versions", {}).get("stack"), **runs}
     bf16, fp8 = runs.get("bf16", {}), runs.get("fp8", {})
