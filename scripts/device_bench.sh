@@ -13,6 +13,7 @@
 #                        --python-version 3.12 --platform manylinux_2_24_x86_64 --only-binary=:all:)
 # Each payload is unpacked once into /tmp and reused while the machine stays warm.
 #
+# Run from the repository root: the harness is the top-level benchmarks/ package (python3 -m benchmarks).
 # usage: bash scripts/device_bench.sh [bench args...]   (writes $OUT/bench.json, $OUT/bench.log)
 set -u
 SITE=/tmp/bench-site BIN=/tmp/bench-bin
@@ -30,7 +31,7 @@ for w in .whl/*.whl; do
   mark="$SITE/.$(basename "$w").ok"
   [ -f "$mark" ] || { (cd "$SITE" && python3 -m zipfile -e "$OLDPWD/$w" .) && touch "$mark"; }
 done
-export PYTHONPATH="$PWD/src:$SITE" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD:$PWD/src:$SITE" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 [ -x "$BIN/ffmpeg" ] && export IMAGEIO_FFMPEG_EXE="$BIN/ffmpeg"
 [ -x "$BIN/weed" ] && export WEED_BIN="$BIN/weed"
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
@@ -38,4 +39,4 @@ echo "site: $(ls "$SITE" | tr '\n' ' ' | head -c 300)"; echo "bin: $(ls "$BIN")"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv,noheader
 df -h /var/tmp | tail -1; nproc; free -g | head -2
 set -o pipefail
-python3 -m wan_worker.bench --models-dir /var/tmp/wanbench/models --work-dir /var/tmp/wanbench/work --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "Loading\|it/s\]" 
+python3 -m benchmarks --models-dir /var/tmp/wanbench/models --work-dir /var/tmp/wanbench/work --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "Loading\|it/s\]" 

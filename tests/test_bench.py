@@ -1,4 +1,4 @@
-"""The benchmark harness's CPU smoke test: ``python -m wan_worker.bench --tiny``.
+"""The benchmark harness's CPU smoke test: ``python -m benchmarks --tiny`` from the repository root.
 
 No timing is asserted (CI machines differ); the test checks that every section ran the
 real job path and reported sane, well-formed numbers.
@@ -37,7 +37,7 @@ def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
         [
             sys.executable,
             "-m",
-            "wan_worker.bench",
+            "benchmarks",
             "--tiny",
             "--s3",
             "none",
@@ -121,20 +121,23 @@ def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
     assert "residency_peak_gib" in summary and "qwen_decode_tok_s" in summary
 
 
-def test_tiny_bench_turbo_section(tiny_models, tmp_path):
-    """The turbo section (skipped by a plain ``--tiny``): distilled video and image jobs end to
-    end through ``Worker.handle``, their stage times, and the ``video_fast`` run it compares with."""
+def test_tiny_bench_turbo_and_throughput_sections(tiny_models, tmp_path):
+    """The turbo and throughput sections (skipped by a plain ``--tiny``): distilled video and
+    image jobs end to end through ``Worker.handle``, their stage times, and the ``video_fast`` run
+    it compares with; then back-to-back jobs of each video kind on the same warm worker."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "wan_worker.bench",
+            "benchmarks",
             "--tiny",
             "--s3",
             "none",
             "--sections",
-            "turbo",
+            "turbo,throughput",
+            "--throughput-jobs",
+            "1",
             "--out",
             str(out),
             "--work-dir",
@@ -150,7 +153,7 @@ def test_tiny_bench_turbo_section(tiny_models, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert list(result["sections"]) == ["turbo"]
+    assert list(result["sections"]) == ["turbo", "throughput"]
     turbo = result["sections"]["turbo"]
     assert "error" not in turbo, turbo.get("traceback")
     for kind, frames in (("video", 9), ("image", 1)):
@@ -164,3 +167,25 @@ def test_tiny_bench_turbo_section(tiny_models, tmp_path):
     summary = result["summary"]
     assert summary["8_turbo_video_end_to_end_s"] == turbo["video"]["total_s"]
     assert summary["8_turbo_image_end_to_end_s"] == turbo["image"]["total_s"]
+
+    throughput = result["sections"]["throughput"]
+    assert "error" not in throughput, throughput.get("traceback")
+    assert throughput["worker"] == "an earlier section's (warm)"  # the turbo section's worker, reused
+    for kind in ("video_fast", "video_turbo"):
+        row = throughput[kind]
+        assert row["warm_up_job"]["status"] == "completed", row
+        assert row["completed"] == row["runs"] == 1, row
+        seconds, gpu, tail = row["seconds_per_job"], row["gpu_s"], row["cpu_tail_s"]
+        assert positive(seconds) and positive(gpu) and positive(tail)
+        assert abs(gpu + tail - seconds) < 0.01 and gpu > tail  # the decode is in the GPU part
+        assert row["jobs_per_gpu_hour"] == round(3600 / seconds, 1)
+        assert 1 < row["concurrency2_upper_bound"] == round(min(2.0, seconds / gpu), 3)
+        assert set(row["cpu_tail_parts_s"]) == {"encoding", "uploading", "report"}
+        assert row["cpu_tail_parts_s"]["encoding"] == row["stages_s"]["encoding"] > 0
+        assert {"generating", "encoding", "uploading"} <= set(row["observer_stages_s"])
+    assert throughput["video_turbo"]["steps"] == 3 and throughput["video_fast"]["steps"] == 2
+    assert summary["11_throughput_video_fast_s_per_job"] == throughput["video_fast"]["seconds_per_job"]
+    assert (
+        summary["11_throughput_video_turbo_concurrency2_upper_bound"]
+        == (throughput["video_turbo"]["concurrency2_upper_bound"])
+    )

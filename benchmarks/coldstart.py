@@ -1,0 +1,90 @@
+"""Section ``cold_start`` (``coldstart``): a fresh worker process until ready, phase by phase."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from typing import Any
+
+from .context import Context
+from .harness import drop_page_cache, gpu_peak_gib, now, r
+
+#: Libraries the worker needs only on some paths; importing them at start costs cold start.
+HEAVY_MODULES = ("torchao", "fa3_fwd_interface", "torch._inductor", "imageio_ffmpeg", "boto3", "runpod")
+
+
+def cold_start(ctx: Context) -> dict[str, Any]:
+    """A first start (empty compile caches), a restart with both caches (inductor's directory and
+    the portable compile artifacts, as on a network volume), and a restart with the artifacts
+    file alone (a new machine whose inductor directory is empty). Page cache dropped first where
+    the OS allows."""
+    env = ctx.child_env(ctx.settings(precision=ctx.args.precision))
+    env["WARMUP_ON_START"] = "1"
+    cache, artifacts = ctx.work / "inductor-cache-cold", ctx.work / "compile-artifacts-cold"
+    for folder in (cache, artifacts):
+        shutil.rmtree(folder, ignore_errors=True)
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(cache), COMPILE_CACHE_DIR=str(artifacts))
+    first = _cold_child(ctx, env)
+    out = dict(first)
+    if not ctx.tiny and "error" not in first:
+        out["restart_with_compile_cache"] = _cold_child(ctx, env)
+        empty = ctx.work / "inductor-cache-empty"
+        shutil.rmtree(empty, ignore_errors=True)
+        out["restart_with_artifacts_only"] = _cold_child(ctx, {**env, "TORCHINDUCTOR_CACHE_DIR": str(empty)})
+    return out
+
+
+def _cold_child(ctx: Context, env: dict[str, str]) -> dict[str, Any]:
+    dropped = drop_page_cache()
+    shape = ["--height", str(ctx.height), "--width", str(ctx.width), "--frames", str(ctx.frames)]
+    started = now()
+    out = ctx.run_child("cold_start", shape, env, timeout=900)
+    if "error" not in out:
+        out.update(page_cache_dropped=dropped, wall_s_from_parent=r(now() - started, 2))
+    return out
+
+
+def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
+    """The child: interpreter start to ready, with the time of each phase."""
+    import psutil
+
+    t_proc = psutil.Process().create_time()
+
+    def since() -> float:
+        return round(time.time() - t_proc, 2)
+
+    marks: dict[str, Any] = {"interpreter_start_to_main_s": since()}
+    import torch
+
+    from wan_worker import worker as worker_module
+
+    marks["imports_s"] = since()
+    startup_modules = set(sys.modules)
+    import diffusers.pipelines.wan  # noqa: F401 - what the first load imports anyway
+    import transformers.models.umt5  # noqa: F401
+
+    marks["diffusers_transformers_imported_s"] = since()
+    if torch.cuda.is_available():
+        torch.cuda.init()
+        torch.empty(1, device="cuda")
+    marks["cuda_initialised_s"] = since()
+    w = worker_module.get_worker()
+    w.manager.encoder_pipe()
+    marks["models_loaded_s"] = since()
+    marks["load_seconds"] = {k: round(v, 2) for k, v in w.manager.load_seconds.items()}
+    # what WARMUP_ON_START runs: compile artifacts in, transformer and VAE warm-ups, artifacts out
+    w.manager.warm_up(args.width, args.height, args.frames)
+    marks["ready_s"] = since()
+    marks["warm_compile_s"] = round(marks["ready_s"] - marks["models_loaded_s"], 2)
+    report = w.manager.accel.as_dict()
+    marks["warmups"] = report.get("warmups")
+    marks["compile_artifacts"] = report.get("compile_artifacts")
+    marks["compile_enabled"] = w.settings.compile_transformer
+    marks["compile_errors"] = report.get("compile_errors")
+    marks["precision"] = report.get("precision")
+    marks["attention_backend"] = report.get("attention_backend")
+    marks["heavy_modules_at_import"] = sorted(m for m in HEAVY_MODULES if m in startup_modules)
+    marks["peak_gib"] = gpu_peak_gib()
+    return marks
