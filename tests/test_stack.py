@@ -83,7 +83,7 @@ def test_comparison_says_as_shipped_only_on_an_exact_match():
 
 
 def test_this_cpu_environment_is_reported_not_as_shipped():
-    from wan_worker.bench import versions
+    from benchmarks.harness import versions
 
     record = versions()
     assert record["stack"]["found"]["torch"] == __import__("torch").__version__

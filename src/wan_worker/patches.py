@@ -95,7 +95,7 @@ def defer_stop_check_on_cuda() -> bool:
     reads it on the next step, so the host queues step N+1 while the GPU still runs step N
     instead of waiting for the GPU every token; it costs one extra decode step per call, which
     ``generate`` undoes. transformers gates it to MPS "until gains are observed on CUDA";
-    ``bench.py``'s ``qwen`` section measures them. Process-wide and idempotent; False when this
+    the benchmark's ``qwen`` section (``benchmarks/qwen.py``) measures them. Process-wide and idempotent; False when this
     transformers is not the verified one or has no such class.
     """
     try:
