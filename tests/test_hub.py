@@ -206,3 +206,32 @@ def test_hub_dockerfile_is_the_root_one_with_baked_weights():
         ".runpod/Dockerfile drifted from the root Dockerfile: regenerate it (docs/DEPLOY.md)"
     )
     assert "ARG BAKE_MODELS=1" in body and 'CMD ["python", "-u", "handler.py"]' in body
+
+
+def _as_env_text(value) -> str:
+    """A default as a variable's text: booleans lower case, whole floats without ``.0``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def test_hub_readme_and_settings_agree_on_defaults():
+    from wan_worker.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", readme, re.MULTILINE))
+    for entry in load(HUB)["config"]["env"]:
+        key, hub_default = entry["key"], entry["input"]["default"]
+        field = Settings.model_fields.get(key.lower())
+        if field is None:
+            continue
+        assert _as_env_text(hub_default) == _as_env_text(field.default), key
+        documented = rows.get(key, "").strip().strip("`")
+        if documented not in ("", "-", "unset"):
+            assert documented == _as_env_text(field.default), f"README's default for {key}: {documented}"
+    disk = load(HUB)["config"]["containerDiskInGb"]
+    assert f"asks for {disk}" in (ROOT / "docs" / "DEPLOY.md").read_text(), "DEPLOY's container disk row"
