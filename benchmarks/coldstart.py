@@ -30,7 +30,6 @@ def cold_start(ctx: Context) -> dict[str, Any]:
     out = dict(first)
     if not ctx.tiny and "error" not in first:
         out["restart_with_compile_cache"] = _cold_child(ctx, env)
-        out["restart_with_compile_cache_no_prefetch"] = _cold_child(ctx, {**env, "PREFETCH_WEIGHTS": "0"})
         empty = ctx.work / "inductor-cache-empty"
         shutil.rmtree(empty, ignore_errors=True)
         out["restart_with_artifacts_only"] = _cold_child(ctx, {**env, "TORCHINDUCTOR_CACHE_DIR": str(empty)})
@@ -57,12 +56,6 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
         return round(time.time() - t_proc, 2)
 
     marks: dict[str, Any] = {"interpreter_start_to_main_s": since()}
-    # what handler.py does first: start reading the checkpoints, then import
-    from wan_worker.prefetch import prefetch_on_start
-    from wan_worker.settings import get_settings
-
-    prefetch = prefetch_on_start(get_settings())
-    marks["prefetch_started_s"] = since()
     import torch
 
     from wan_worker import worker as worker_module
@@ -80,7 +73,6 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
     w = worker_module.get_worker()
     w.manager.encoder_pipe()
     marks["models_loaded_s"] = since()
-    marks["prefetch_at_load"] = prefetch.report() if prefetch else None
     marks["load_seconds"] = {k: round(v, 2) for k, v in w.manager.load_seconds.items()}
     # what WARMUP_ON_START runs: compile artifacts in, transformer and VAE warm-ups, artifacts out
     w.manager.warm_up(args.width, args.height, args.frames)
@@ -95,5 +87,4 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
     marks["attention_backend"] = report.get("attention_backend")
     marks["heavy_modules_at_import"] = sorted(m for m in HEAVY_MODULES if m in startup_modules)
     marks["peak_gib"] = gpu_peak_gib()
-    marks["prefetch"] = prefetch.report() if prefetch else None
     return marks

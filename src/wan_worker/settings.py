@@ -47,8 +47,6 @@ class Settings(BaseSettings):
     gpu_memory_budget_gb: float | None = Field(default=None, gt=0)
     warmup_on_start: bool = True
     warmup_qwen: bool = False
-    #: Read the start-up checkpoints into the page cache in parallel while Python imports (prefetch.py)
-    prefetch_weights: bool = True
 
     # --- speed ----------------------------------------------------------------------------
     compile_transformer: bool = True  # regional compile, CUDA only (accel.py)

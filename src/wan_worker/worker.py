@@ -26,7 +26,6 @@ from .jobs import Job, build_job
 from .long_video import LongVideo
 from .models import ModelManager
 from .observer import NO_OBSERVER, JobObserver
-from .prefetch import Prefetch
 from .progress import Progress, Sender, runpod_sender
 from .readiness import Readiness
 from .result import Metrics, Outcome
@@ -277,9 +276,8 @@ def concurrency_modifier(current: int) -> int:
     return min(get_settings().worker_concurrency, MAX_CONCURRENCY)
 
 
-def serverless_config(prefetch: Prefetch | None = None) -> dict[str, Any]:
-    """The ``runpod.serverless.start`` config; loads models first when WARMUP_ON_START is set
-    (``prefetch``: the checkpoint reads ``handler.py`` started, reported with the warm-up).
+def serverless_config() -> dict[str, Any]:
+    """The ``runpod.serverless.start`` config; loads models first when WARMUP_ON_START is set.
 
     A warm-up that fails for any reason but a CUDA fault is recorded, and the worker starts
     anyway (``Readiness``); after a CUDA fault the process exits so RunPod replaces it.
@@ -300,9 +298,6 @@ def serverless_config(prefetch: Prefetch | None = None) -> dict[str, Any]:
                 raise SystemExit(1) from None
             worker.readiness.warm_up_failed(exc)
         else:
-            extra: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 2)}
-            if prefetch is not None:
-                extra["prefetch"] = prefetch.report()
-            log.info("worker warm", extra=extra)
+            log.info("worker warm", extra={"seconds": round(time.perf_counter() - started, 2)})
     worker.readiness.check_start()
     return {"handler": handler, "concurrency_modifier": concurrency_modifier}
