@@ -98,7 +98,7 @@ def test_redirect_target_is_checked_too():
 
 def test_scheme_other_than_http_refused():
     with pytest.raises(R.ReferenceFetchError, match="scheme"):
-        R.check_host("file:///etc/passwd", settings())
+        R.load_reference("file:///etc/passwd", settings())
 
 
 def test_oversize_body_refused(server):

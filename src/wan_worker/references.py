@@ -86,16 +86,6 @@ def _decode_data_uri(source: str, settings: Settings) -> bytes:
         raise ReferenceFetchError("data URI is not valid base64") from None
 
 
-def check_host(url: str, settings: Settings, deadline: float | None = None) -> None:
-    """Refuse a URL the outbound parser refuses, or whose host resolves to a non-public address."""
-    try:
-        target = net.parse_url(url)
-        end = net.end_time(settings.reference_timeout_s, deadline)
-        net.resolve_checked(target, allow_private=settings.allow_private_reference_urls, end=end)
-    except net.OutboundError as exc:
-        raise ReferenceFetchError(_with_hint(str(exc))) from None
-
-
 def _fetch(url: str, settings: Settings, deadline: float | None) -> bytes:
     try:
         return net.fetch(
