@@ -15,23 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    CALLBACK_SECRET,
-    S3_KEY,
-    SECRETS,
-    SMALL_IMAGE,
-    SMALL_VIDEO,
-    CallbackReceiver,
-    free_port,
-    handle,
-    png_data_uri,
-    s3_settings,
-    start_api_worker,
-    stop,
-    tiny_worker,
-    worker_env,
-)
+from helpers.callbacks import CallbackReceiver
+from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, png_data_uri, s3_settings, tiny_worker
+from helpers.logcapture import CALLBACK_SECRET, SECRETS
+from helpers.workers import start_api_worker, stop, worker_env
 
+from wan_worker.local_s3 import ACCESS_KEY as S3_KEY
+from wan_worker.local_s3 import free_port
 from wan_worker.presets import JOB_TYPES as PRESET_JOB_TYPES
 
 JOB_TYPES = list(PRESET_JOB_TYPES)  # the one vocabulary, in its order

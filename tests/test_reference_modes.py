@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 from diffusers import WanPipeline, WanVACEPipeline, WanVideoToVideoPipeline
-from refserver import RefServer
+from helpers.refserver import RefServer
 
 from wan_worker.settings import Settings
 from wan_worker.worker import Worker

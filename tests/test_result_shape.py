@@ -5,7 +5,7 @@ typed hand-offs; a change here changes what every caller parses."""
 from __future__ import annotations
 
 import pytest
-from conftest import SMALL_VIDEO, handle, tiny_worker
+from helpers.inprocess import SMALL_VIDEO, handle, tiny_worker
 
 from wan_worker.observer import JobObserver
 
