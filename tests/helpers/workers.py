@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,20 +80,6 @@ class ApiWorker:
         response = requests.post(f"{self.url}/runsync", json={"input": job_input}, timeout=timeout)
         response.raise_for_status()
         return response.json()
-
-    def run(self, job_input: Any, timeout: float = 240) -> dict:
-        """``/run`` then ``/status/{id}`` until the job is done: the asynchronous path."""
-        response = requests.post(f"{self.url}/run", json={"input": job_input}, timeout=30)
-        response.raise_for_status()
-        job_id = response.json()["id"]
-        deadline = time.monotonic() + timeout
-        while True:
-            status = requests.post(f"{self.url}/status/{job_id}", timeout=30)
-            status.raise_for_status()
-            body = status.json()
-            if body.get("status") not in ("IN_QUEUE", "IN_PROGRESS") or time.monotonic() > deadline:
-                return body
-            time.sleep(0.2)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
