@@ -147,6 +147,7 @@ def test_config_and_metadata_fallbacks_feed_the_references(worker, server, calls
         worker,
         {
             **VIDEO,
+            "frame_num": 5,  # room for a first and a last frame; the count itself is not checked
             "config": {"num_inference_steps": 2, "first_frame": server.url("/red.png")},
             "metadata": {"end_reference_url": server.url("/blue.png"), "reference_strength": 0.8},
         },
