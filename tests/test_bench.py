@@ -11,7 +11,7 @@ import math
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers.workers import ROOT
 
 SECTIONS_THAT_RUN = (
     "write_models",

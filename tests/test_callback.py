@@ -9,19 +9,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import (
-    BUCKET,
-    CALLBACK_SECRET,
-    SMALL_IMAGE,
-    SMALL_VIDEO,
-    CallbackReceiver,
-    free_port,
-    handle,
-    run_test_input,
-    s3_settings,
-    tiny_worker,
-    worker_env,
-)
+from helpers.callbacks import CallbackReceiver
+from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, s3_settings, tiny_worker
+from helpers.logcapture import CALLBACK_SECRET
+from helpers.workers import run_test_input, worker_env
+
+from wan_worker.local_s3 import BUCKET, free_port
 
 
 def callback_worker(tiny_models, s3, url, **extra):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import requests
-from conftest import BUCKET, run_test_input, worker_env
-from mediacheck import open_image, probe_video
+from helpers.mediacheck import open_image, probe_video
+from helpers.workers import run_test_input, worker_env
+
+from wan_worker.local_s3 import BUCKET
 
 SMALL = {"width": 256, "height": 256}
 

@@ -17,20 +17,12 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import (
-    BUCKET,
-    CALLBACK_SECRET,
-    SMALL_IMAGE,
-    SMALL_VIDEO,
-    FaultProxy,
-    free_port,
-    handle,
-    png_data_uri,
-    s3_settings,
-    start_s3,
-    stop,
-    tiny_worker,
-)
+from helpers.faultproxy import FaultProxy
+from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, png_data_uri, s3_settings, tiny_worker
+from helpers.logcapture import CALLBACK_SECRET
+from helpers.workers import stop
+
+from wan_worker.local_s3 import BUCKET, free_port, start_s3
 
 
 @pytest.fixture

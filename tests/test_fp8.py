@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_settings, tiny_worker
+from helpers.inprocess import tiny_settings, tiny_worker
 
 from wan_worker import accel, fp8
 

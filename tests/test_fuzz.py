@@ -23,7 +23,7 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import SMALL_IMAGE, SMALL_VIDEO, png_data_uri, tiny_worker
+from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, png_data_uri, tiny_worker
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 

@@ -15,20 +15,11 @@ import time
 
 import pytest
 import requests
-from conftest import (
-    BUCKET,
-    ROOT,
-    SMALL_IMAGE,
-    FaultProxy,
-    handle,
-    run_test_input,
-    s3_settings,
-    start_api_worker,
-    stop,
-    tiny_worker,
-    worker_env,
-)
+from helpers.faultproxy import FaultProxy
+from helpers.inprocess import SMALL_IMAGE, handle, s3_settings, tiny_worker
+from helpers.workers import ROOT, run_test_input, start_api_worker, stop, worker_env
 
+from wan_worker.local_s3 import BUCKET
 from wan_worker.tiny import T2V_DIR
 
 

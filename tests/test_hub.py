@@ -15,7 +15,8 @@ import runpy
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, handle, tiny_worker
+from helpers.inprocess import handle, tiny_worker
+from helpers.workers import ROOT
 
 HUB = ROOT / ".runpod" / "hub.json"
 TESTS = ROOT / ".runpod" / "tests.json"

@@ -15,23 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    CALLBACK_SECRET,
-    S3_KEY,
-    SECRETS,
-    SMALL_IMAGE,
-    SMALL_VIDEO,
-    CallbackReceiver,
-    free_port,
-    handle,
-    png_data_uri,
-    s3_settings,
-    start_api_worker,
-    stop,
-    tiny_worker,
-    worker_env,
-)
+from helpers.callbacks import CallbackReceiver
+from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, png_data_uri, s3_settings, tiny_worker
+from helpers.logcapture import CALLBACK_SECRET, SECRETS
+from helpers.workers import start_api_worker, stop, worker_env
 
+from wan_worker.local_s3 import ACCESS_KEY as S3_KEY
+from wan_worker.local_s3 import free_port
 from wan_worker.presets import JOB_TYPES as PRESET_JOB_TYPES
 
 JOB_TYPES = list(PRESET_JOB_TYPES)  # the one vocabulary, in its order
@@ -229,8 +219,9 @@ def test_metrics_flags(tiny_models, s3, captured_logs):
     flagged = tiny_worker(tiny_models, **s3_settings(s3), slow_generation_s=0.001, small_file_bytes=10**9)
     plain = tiny_worker(tiny_models, **s3_settings(s3), slow_generation_s=3600, small_file_bytes=0)
     prompt = "an unmistakable zebra prompt for the flags test"
-    out1 = handle(flagged, {**SMALL_VIDEO, "prompt": prompt, "id": "log-flags-1"})
-    out2 = handle(plain, {**SMALL_VIDEO, "prompt": prompt, "id": "log-flags-2"})
+    video = {**SMALL_VIDEO, "frame_num": 1, "prompt": prompt}  # one frame: still a video, a small file
+    out1 = handle(flagged, {**video, "id": "log-flags-1"})
+    out2 = handle(plain, {**video, "id": "log-flags-2"})
     out3 = handle(flagged, {**SMALL_IMAGE, "id": "log-flags-3"})  # images are never "small files"
     assert all(o["status"] == "completed" for o in (out1, out2, out3))
     m1, m2, m3 = captured_logs.events("job_metrics")

@@ -1,7 +1,7 @@
 """Outbound requests (``wan_worker.net``): parser differentials, DNS rebinding, deadlines, redirects.
 
 Every server here is real and listens on loopback, or on a public-looking address inside a
-loopback-only network namespace (``netns.py``); a resolver is injected where a name is needed,
+loopback-only network namespace (``helpers/netns.py``); a resolver is injected where a name is needed,
 so no test sends traffic anywhere but the local machine.
 """
 
@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from textwrap import dedent
 
-import netns
 import pytest
-from conftest import CALLBACK_SECRET, ApiWorker, CallbackReceiver, start_api_worker, stop, worker_env
-from refserver import RefServer, png_bytes
+from helpers import netns
+from helpers.callbacks import CallbackReceiver
+from helpers.logcapture import CALLBACK_SECRET
+from helpers.refserver import RefServer, png_bytes
+from helpers.workers import ApiWorker, start_api_worker, stop, worker_env
 
 from wan_worker import callback, net
 from wan_worker.settings import Settings
@@ -248,7 +250,7 @@ def test_dns_rebinding_gets_one_lookup_and_the_checked_address():
         dedent(
             f"""
             import json
-            from refserver import RefServer
+            from helpers.refserver import RefServer
             from wan_worker import net
 
             public = RefServer(host="{netns.PUBLIC}")
@@ -279,7 +281,7 @@ def test_every_redirect_hop_is_parsed_resolved_and_checked():
         dedent(
             f"""
             import json
-            from refserver import RefServer
+            from helpers.refserver import RefServer
             from wan_worker import net
 
             public = RefServer(host="{netns.PUBLIC}")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 from diffusers import WanPipeline, WanVACEPipeline, WanVideoToVideoPipeline
-from refserver import RefServer
+from helpers.refserver import RefServer
 
 from wan_worker.settings import Settings
 from wan_worker.worker import Worker
@@ -26,6 +26,8 @@ VIDEO = {
     **SMALL,
     "config": {"num_inference_steps": 2},
 }
+#: The same job in one frame, where the frame count is not what a test is about (decoding is the cost).
+ONE_FRAME = {**VIDEO, "frame_num": 1}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,18 @@ def worker(tiny_models):
             reference_timeout_s=2.0,
         )
     )
+
+
+@pytest.fixture(scope="module")
+def plain_video(worker) -> dict:
+    """``VIDEO`` without references, in process: the same seed gives the same bytes every time."""
+    return run(worker, VIDEO)
+
+
+@pytest.fixture(scope="module")
+def plain_video_via_api(api_worker) -> dict:
+    """``VIDEO`` without references, through the local API."""
+    return api_worker.runsync(VIDEO)["output"]
 
 
 @pytest.fixture
@@ -77,15 +91,15 @@ def is_color(image, rgb, tol=40) -> bool:
 
 
 def test_vace_transformer_loads_lazily_and_shares_encoder_and_vae(worker, server, calls):
-    run(worker, VIDEO)
+    run(worker, ONE_FRAME)
     assert "vace" not in worker.manager.load_seconds
-    run(worker, {**VIDEO, "first_frame": server.url("/red.png")})
+    run(worker, {**ONE_FRAME, "first_frame": server.url("/red.png")})
     vace = worker.manager.pipeline("vace")
     base = worker.manager.encoder_pipe()
     assert vace.vae is base.vae and vace.text_encoder is None
     assert worker.manager.pipeline("t2v").text_encoder is None
     loaded_at = worker.manager.load_seconds["vace"]
-    run(worker, {**VIDEO, "last_frame": server.url("/blue.png")})
+    run(worker, {**ONE_FRAME, "last_frame": server.url("/blue.png")})
     assert worker.manager.load_seconds["vace"] == loaded_at  # resident, not reloaded
 
 
@@ -98,8 +112,8 @@ def test_vace_transformer_loads_lazily_and_shares_encoder_and_vae(worker, server
         ("both", {"first_frame": "/red.png", "last_frame": "/blue.png"}),
     ],
 )
-def test_each_video_mode_conditions_vace(worker, server, calls, mode, fields):
-    baseline = run(worker, VIDEO)
+def test_each_video_mode_conditions_vace(worker, server, plain_video, calls, mode, fields):
+    baseline = plain_video
     job = {**VIDEO, **{k: server.url(v) for k, v in fields.items()}, "denoise_strength": 0.25}
     out = run(worker, job)
     assert out["status"] == "completed", out
@@ -133,6 +147,7 @@ def test_config_and_metadata_fallbacks_feed_the_references(worker, server, calls
         worker,
         {
             **VIDEO,
+            "frame_num": 5,  # room for a first and a last frame; the count itself is not checked
             "config": {"num_inference_steps": 2, "first_frame": server.url("/red.png")},
             "metadata": {"end_reference_url": server.url("/blue.png"), "reference_strength": 0.8},
         },
@@ -214,7 +229,7 @@ def test_outside_exact_copy_parameters_are_respected(worker, server, calls):
     ],
 )
 def test_unusable_reference_falls_back_visibly(worker, server, calls, path, reason):
-    out = run(worker, {**VIDEO, "first_frame": server.url(path)})
+    out = run(worker, {**ONE_FRAME, "first_frame": server.url(path)})
     assert out["status"] == "completed"
     meta = out["assets"][0]["metadata"]
     assert meta["reference_mode_requested"] == "start" and meta["reference_mode_applied"] == "none"
@@ -223,14 +238,14 @@ def test_unusable_reference_falls_back_visibly(worker, server, calls, path, reas
 
 
 def test_strict_references_fail_instead(worker, server):
-    out = run(worker, {**VIDEO, "first_frame": server.url("/notimage"), "strict_references": True})
+    out = run(worker, {**ONE_FRAME, "first_frame": server.url("/notimage"), "strict_references": True})
     assert out["error_code"] == "reference_unavailable" and "first_frame" in out["error"]
-    assert run(worker, VIDEO)["status"] == "completed"  # still serving
+    assert run(worker, ONE_FRAME)["status"] == "completed"  # still serving
 
 
 def test_private_reference_refused_without_allow(tiny_models, server):
     strict = Worker(Settings(model_profile="tiny", tiny_models_dir=tiny_models, inline_max_bytes=50_000_000))
-    out = run(strict, {**VIDEO, "reference_image_url": server.url("/red.png")})
+    out = run(strict, {**ONE_FRAME, "reference_image_url": server.url("/red.png")})
     assert out["assets"][0]["metadata"]["reference_mode_applied"] == "none"
     assert any("non-public" in w for w in out["warnings"])
 
@@ -251,8 +266,8 @@ def test_mode_without_its_image_names_the_field(worker):
         ({"first_frame": "/red.png", "last_frame": "/blue.png"}, "both", [0, 8], 0),
     ],
 )
-def test_each_mode_end_to_end_through_handler(api_worker, server, fields, mode, kept, refs):
-    plain = api_worker.runsync(VIDEO)["output"]
+def test_each_mode_end_to_end_through_handler(api_worker, plain_video_via_api, server, fields, mode, kept, refs):
+    plain = plain_video_via_api
     out = api_worker.runsync({**VIDEO, **{k: server.url(v) for k, v in fields.items()}})
     assert out["status"] == "COMPLETED", out
     asset = out["output"]["assets"][0]

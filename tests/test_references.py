@@ -7,11 +7,11 @@ import io
 import time
 from textwrap import dedent
 
-import netns
 import numpy as np
 import pytest
+from helpers import netns
+from helpers.refserver import RefServer, png_bytes
 from PIL import Image
-from refserver import RefServer, png_bytes
 
 from wan_worker import references as R
 from wan_worker.settings import Settings
@@ -75,7 +75,7 @@ def test_redirect_target_is_checked_too():
         dedent(
             f"""
             import json
-            from refserver import RefServer
+            from helpers.refserver import RefServer
             from wan_worker import references as R
             from wan_worker.settings import Settings
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_worker
-from mediacheck import probe_video
+from helpers.inprocess import tiny_worker
+from helpers.mediacheck import probe_video
 
 from wan_worker.generate import DecodedFrames, build_conditioning
 from wan_worker.jobs import build_job

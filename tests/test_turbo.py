@@ -14,8 +14,8 @@ import shutil
 import pytest
 import requests
 import torch
-from conftest import SMALL_IMAGE, SMALL_VIDEO, handle, png_data_uri, tiny_worker
-from mediacheck import open_image, probe_video
+from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, png_data_uri, tiny_worker
+from helpers.mediacheck import open_image, probe_video
 from safetensors import safe_open
 
 from wan_worker.jobs import build_job

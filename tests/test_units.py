@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 import requests
-from mediacheck import probe_video
+from helpers.mediacheck import probe_video
 from PIL import Image
 
 from wan_worker import logs

@@ -16,7 +16,7 @@ from pathlib import Path
 
 #: A public-looking address that, inside the namespace, is local.
 PUBLIC = "93.184.216.34"
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 @lru_cache(maxsize=1)

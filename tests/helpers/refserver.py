@@ -14,7 +14,7 @@ def serve_on_loopback(
     handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0
 ) -> ThreadingHTTPServer:
     """A threaded HTTP server on 127.0.0.1 (a free port), serving from a daemon thread.
-    ``host`` may be another local address (inside the tests' network namespace, see netns.py).
+    ``host`` may be another local address (inside the tests' network namespace, see ``netns``).
     Stop it with ``server.shutdown(); server.server_close()``."""
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
