@@ -2,6 +2,6 @@
 
 import runpod
 
-from wan_worker.worker import serverless_config
+from wan_worker.serving.worker import serverless_config
 
 runpod.serverless.start(serverless_config())

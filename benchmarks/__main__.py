@@ -25,7 +25,7 @@ Section = Callable[[Context], dict[str, Any]]
 
 def s3_server(ctx: Context) -> dict[str, Any]:
     """A local SeaweedFS for the upload stage (``--s3 weed``); assets go inline without one."""
-    from wan_worker.local_s3 import find_weed, start_s3
+    from wan_worker.infra.local_s3 import find_weed, start_s3
 
     weed = os.environ.get("WEED_BIN") or find_weed()
     if not weed:
@@ -86,7 +86,7 @@ def run_section(ctx: Context, name: str, fn: Section) -> None:
 def run(ctx: Context) -> dict[str, Any]:
     import torch
 
-    from wan_worker.stack import describe
+    from wan_worker.runtime.stack import describe
 
     args = ctx.args
     ctx.result["versions"] = versions()

@@ -250,7 +250,7 @@ def dir_bytes(path: Path) -> int:
 def write_models(ctx: Context) -> dict[str, Any]:
     """Section ``write_models``: the tiny profile's checkpoints, or the full ones ``--models`` names."""
     if ctx.tiny:
-        from wan_worker.tiny import ensure_tiny_models
+        from wan_worker.runtime.tiny import ensure_tiny_models
 
         started = now()
         ensure_tiny_models(ctx.tiny_dir)

@@ -58,7 +58,7 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
     marks: dict[str, Any] = {"interpreter_start_to_main_s": since()}
     import torch
 
-    from wan_worker import worker as worker_module
+    from wan_worker.serving import worker as worker_module
 
     marks["imports_s"] = since()
     startup_modules = set(sys.modules)

@@ -52,8 +52,8 @@ class Context:
         }
         self.frames_ref: np.ndarray | None = None
         self.frames_worker: np.ndarray | None = None
-        self.s3 = None  # wan_worker.local_s3.S3Server once the s3_server section started one
-        self.worker = None  # the warm wan_worker.worker.Worker, shared by the sections that allow it
+        self.s3 = None  # wan_worker.infra.local_s3.S3Server once the s3_server section started one
+        self.worker = None  # the warm wan_worker.serving.worker.Worker, shared by the sections that allow it
         self.worker_origin = "the worker section's (warm)"  # what the sections reusing it record
 
     @property
@@ -71,7 +71,7 @@ class Context:
 
     def settings(self, **overrides):
         """The worker's ``Settings`` for this run (profile, folders, S3 or inline assets)."""
-        from wan_worker.settings import Settings
+        from wan_worker.contract.settings import Settings
 
         base: dict[str, Any] = dict(
             models_dir=self.models_dir, work_dir=self.work, log_level="WARNING", job_timeout_s=3600
@@ -95,7 +95,7 @@ class Context:
 
     def t2v_dir(self) -> Path:
         if self.tiny:
-            from wan_worker.tiny import T2V_DIR
+            from wan_worker.runtime.tiny import T2V_DIR
 
             return self.tiny_dir / T2V_DIR
         return self.models_dir / Path(T2V_REPO).name
@@ -103,14 +103,14 @@ class Context:
     def turbo_written(self) -> bool:
         """Whether the turbo checkpoint is among the written models."""
         if self.tiny:
-            from wan_worker.tiny import TURBO_DIR
+            from wan_worker.runtime.tiny import TURBO_DIR
 
             return (self.tiny_dir / TURBO_DIR / ".complete").exists()
         return (self.models_dir / Path(TURBO_REPO).name / ".complete").exists()
 
     def new_worker(self, **overrides) -> tuple[Any, dict[str, Any]]:
         """A new worker with its models loaded and the job shape compiled, as WARMUP_ON_START does."""
-        from wan_worker.worker import Worker
+        from wan_worker.serving.worker import Worker
 
         started = now()
         worker = Worker(self.settings(**overrides))

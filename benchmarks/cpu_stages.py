@@ -18,7 +18,7 @@ def encode_at_preset(frames: np.ndarray, out_dir: Path, preset: str):
     """The worker's ``media.encode`` at its own x264 preset. Another preset is not a setting of
     the worker, so that one is written here with the worker's other x264 parameters (CRF,
     pixel format, faststart) and its thumbnail writer: the comparison the preset choice needs."""
-    from wan_worker import media
+    from wan_worker.stages import media
 
     if preset == media.X264_PRESET:
         return media.encode(frames, out_dir, as_video=True, fps=16)
@@ -47,8 +47,8 @@ def cpu_stages(ctx: Context) -> dict[str, Any]:
     """MP4 + thumbnail + upload, per x264 preset, on the decoded frames and on natural footage."""
     import imageio.v2 as imageio
 
-    from wan_worker import media
-    from wan_worker.storage import Storage
+    from wan_worker.stages import media
+    from wan_worker.stages.storage import Storage
 
     storage = ctx.worker.storage if ctx.worker is not None else Storage(ctx.settings())
     clips = {"natural_clip": natural_clip(ctx.frames, ctx.height, ctx.width)}

@@ -161,7 +161,7 @@ def versions() -> dict[str, Any]:
         out["ffmpeg"] = imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as exc:  # noqa: BLE001
         out["ffmpeg"] = f"missing: {exc}"
-    from wan_worker import stack
+    from wan_worker.runtime import stack
 
     shipped = stack.shipped_stack()
     comparison = stack.compare(shipped, stack.installed_versions())

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from wan_worker.observer import JobObserver
+from wan_worker.stages.observer import JobObserver
 
 from .harness import NEGATIVE, PROMPT, SEED, gpu_peak_gib, now, r, reset_peak, sync
 
@@ -17,7 +17,7 @@ from .harness import NEGATIVE, PROMPT, SEED, gpu_peak_gib, now, r, reset_peak, s
 class StepClock(JobObserver):
     """Synchronised timestamps of the job's start and end (set by ``run_job``), each progress
     stage, text encoding, every denoising step and the decoded frames: the
-    ``wan_worker.observer.JobObserver`` passed to ``Worker.handle``."""
+    ``wan_worker.stages.observer.JobObserver`` passed to ``Worker.handle``."""
 
     def __init__(self) -> None:
         self.marks: list[float] = []

@@ -52,7 +52,7 @@ def fp8(ctx: Context) -> dict[str, Any]:
 def child_precision_run(args: argparse.Namespace) -> dict[str, Any]:
     """One worker process at the precision its environment sets: load, warm-up compile (timed),
     the benchmark job end to end, one transformer forward; the decoded frames to a file."""
-    from wan_worker.worker import get_worker
+    from wan_worker.serving.worker import get_worker
 
     started = now()
     worker = get_worker()

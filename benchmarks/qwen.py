@@ -14,8 +14,8 @@ def qwen(ctx: Context) -> dict[str, Any]:
     optimisation switched off in turn, and eager with a dynamic cache."""
     import torch
 
-    from wan_worker.enhance import Enhancer, completion_prompt, generation_kwargs
-    from wan_worker.models import ModelManager
+    from wan_worker.runtime.models import ModelManager
+    from wan_worker.stages.enhance import Enhancer, completion_prompt, generation_kwargs
 
     res: dict[str, Any] = {"page_cache_dropped": drop_page_cache()}
     settings = ctx.settings()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from wan_worker.observer import JobObserver
+from wan_worker.stages.observer import JobObserver
 
 from .context import Context
 from .harness import PROMPT, SEED, GiB, now, png_data_uri, r
@@ -57,7 +57,7 @@ def child_residency(args: argparse.Namespace) -> dict[str, Any]:
     total = torch.cuda.get_device_properties(0).total_memory
     fraction = min(1.0, args.card_gb * 1e9 / total)
     torch.cuda.set_per_process_memory_fraction(fraction)
-    from wan_worker.worker import get_worker
+    from wan_worker.serving.worker import get_worker
 
     worker = get_worker()
     peaks = StagePeaks()
@@ -69,7 +69,7 @@ def child_residency(args: argparse.Namespace) -> dict[str, Any]:
     }
     steps = {"num_inference_steps": args.residency_steps}
     jobs: list[tuple[str, dict]] = []
-    from wan_worker.presets import JOB_TYPES
+    from wan_worker.contract.presets import JOB_TYPES
 
     jobs += [(jt, {"job_type": jt}) for jt in JOB_TYPES]
     jobs += [
@@ -166,7 +166,7 @@ def child_turbo_residency(args: argparse.Namespace) -> dict[str, Any]:
     total = torch.cuda.get_device_properties(0).total_memory
     fraction = min(1.0, args.card_gb * 1e9 / total)
     torch.cuda.set_per_process_memory_fraction(fraction)
-    from wan_worker.worker import get_worker
+    from wan_worker.serving.worker import get_worker
 
     worker = get_worker()
     manager, s = worker.manager, worker.settings

@@ -17,7 +17,7 @@ def attention(ctx: Context) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         return {"skipped": "needs CUDA"}
-    from wan_worker.accel import enable_fa3, measure_attention_backends
+    from wan_worker.runtime.accel import enable_fa3, measure_attention_backends
 
     return {
         "fa3_available": enable_fa3(),
@@ -40,7 +40,7 @@ def load_transformer(ctx: Context):
 def time_forward(transformer, frames: int, height: int, width: int, reps: int = 3) -> dict[str, Any]:
     import torch
 
-    from wan_worker.accel import transformer_dummy_inputs
+    from wan_worker.runtime.accel import transformer_dummy_inputs
 
     device = next(transformer.parameters()).device
     inputs = transformer_dummy_inputs(transformer, height, width, frames, device)
@@ -75,7 +75,7 @@ def transformer(ctx: Context) -> dict[str, Any]:
     """One forward at the job shape per configuration; outputs compared with eager native."""
     import torch
 
-    from wan_worker.accel import ATTENTION_CANDIDATES, AccelReport, compile_blocks, enable_fa3
+    from wan_worker.runtime.accel import ATTENTION_CANDIDATES, AccelReport, compile_blocks, enable_fa3
 
     report = AccelReport()
 
@@ -127,13 +127,13 @@ def scaling(ctx: Context) -> dict[str, Any]:
     """Transformer forward vs shape (eager, best attention backend) and the attention share."""
     import torch
 
-    from wan_worker.accel import enable_fa3
+    from wan_worker.runtime.accel import enable_fa3
 
     cuda = torch.cuda.is_available()
     transformer = load_transformer(ctx)
     best = ctx.sections.get("transformer", {}).get("best_attention_backend")
     if cuda and not best:
-        from wan_worker.accel import AccelReport, resolve_attention_backend
+        from wan_worker.runtime.accel import AccelReport, resolve_attention_backend
 
         best = resolve_attention_backend(ctx.settings(), AccelReport())
     if cuda and best and best != "native":
@@ -157,7 +157,7 @@ def scaling(ctx: Context) -> dict[str, Any]:
             "attention_flop_share": r(attention_flops(tokens) / transformer_flops(tokens), 3),
         }
         if cuda:
-            from wan_worker.accel import _time_attention
+            from wan_worker.runtime.accel import _time_attention
 
             q, k, v = (torch.randn(1, tokens, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             seconds, _ = _time_attention(best or "native", q, k, v, None)

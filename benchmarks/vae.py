@@ -35,7 +35,7 @@ def vae(ctx: Context) -> dict[str, Any]:
         try:
             torch.backends.cudnn.benchmark = bench
             vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
-            from wan_worker.accel import compile_vae_norms, vae_channels_last
+            from wan_worker.runtime.accel import compile_vae_norms, vae_channels_last
 
             if channels_last:
                 vae_channels_last(vae)
@@ -75,7 +75,7 @@ def profile_vae(ctx: Context, path: Path, latents) -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKLWan
 
-    from wan_worker.accel import optimize_vae
+    from wan_worker.runtime.accel import optimize_vae
 
     torch.backends.cudnn.benchmark = True
     vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=torch.bfloat16).to("cuda")

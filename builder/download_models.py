@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
-from wan_worker.settings import Settings
+from wan_worker.contract.settings import Settings
 
 
 def main() -> None:

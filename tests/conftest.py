@@ -14,12 +14,12 @@ import pytest
 from helpers.logcapture import SECRETS, CapturedLogs
 from helpers.workers import ApiWorker, start_api_worker, stop, worker_env
 
-from wan_worker.local_s3 import S3Server, start_s3
+from wan_worker.infra.local_s3 import S3Server, start_s3
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from wan_worker.tiny import ensure_tiny_models
+    from wan_worker.runtime.tiny import ensure_tiny_models
 
     return ensure_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
@@ -44,7 +44,7 @@ def captured_logs() -> Iterator[CapturedLogs]:
     """Configure logging exactly as the worker does (JSON + redaction of SECRETS), captured."""
     import logging
 
-    from wan_worker import logs
+    from wan_worker.infra import logs
 
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level

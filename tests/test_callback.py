@@ -14,7 +14,7 @@ from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, s3_settings, tin
 from helpers.logcapture import CALLBACK_SECRET
 from helpers.workers import run_test_input, worker_env
 
-from wan_worker.local_s3 import BUCKET, free_port
+from wan_worker.infra.local_s3 import BUCKET, free_port
 
 
 def callback_worker(tiny_models, s3, url, **extra):

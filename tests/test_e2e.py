@@ -6,7 +6,7 @@ import requests
 from helpers.mediacheck import open_image, probe_video
 from helpers.workers import run_test_input, worker_env
 
-from wan_worker.local_s3 import BUCKET
+from wan_worker.infra.local_s3 import BUCKET
 
 SMALL = {"width": 256, "height": 256}
 

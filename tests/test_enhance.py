@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_worker import enhance as E
-from wan_worker.settings import Settings
-from wan_worker.tiny import QWEN_BASE_DIR, QWEN_INSTRUCT_DIR
-from wan_worker.worker import Worker
+from wan_worker.contract.settings import Settings
+from wan_worker.runtime.tiny import QWEN_BASE_DIR, QWEN_INSTRUCT_DIR
+from wan_worker.serving.worker import Worker
+from wan_worker.stages import enhance as E
 
 TARGET = "A fluffy orange cat naps on a sunny windowsill, tail swaying slowly, soft light, smooth motion."
 SMALL = {"width": 256, "height": 256, "config": {"num_inference_steps": 1}}
@@ -221,7 +221,7 @@ def test_deferred_stop_check_is_enabled_for_cuda_only():
     """transformers reads the stop flag one step late on CUDA once enabled; CPU is unchanged."""
     from transformers.generation.utils import DeferredStopCheck
 
-    from wan_worker.patches import defer_stop_check_on_cuda
+    from wan_worker.runtime.patches import defer_stop_check_on_cuda
 
     assert defer_stop_check_on_cuda() and defer_stop_check_on_cuda()  # idempotent
     assert DeferredStopCheck.is_supported(torch.device("cuda"), None, False, is_assistant=False)

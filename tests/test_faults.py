@@ -22,7 +22,7 @@ from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, png_data_uri, s3
 from helpers.logcapture import CALLBACK_SECRET
 from helpers.workers import stop
 
-from wan_worker.local_s3 import BUCKET, free_port, start_s3
+from wan_worker.infra.local_s3 import BUCKET, free_port, start_s3
 
 
 @pytest.fixture
@@ -349,7 +349,7 @@ def test_job_timeout_interrupts_generation_at_the_next_step(tiny_models, work_di
 
 
 def test_each_job_gets_its_own_temp_dir_removed_afterwards(tiny_models, s3, work_dir, monkeypatch):
-    import wan_worker.stages as stages_module
+    import wan_worker.serving.flow as stages_module
 
     seen: list[Path] = []
     real_encode = stages_module.encode

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers.inprocess import tiny_settings, tiny_worker
 
-from wan_worker import accel, fp8
+from wan_worker.runtime import accel, fp8
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ def test_fp8_falls_back_to_bf16_visibly(tiny_models, caplog):
     # a report that an earlier bf16 model decided must not hide the fallback
     worker.manager.accel.precision = accel.PrecisionReport("bf16", "bf16")
     assert accel.precision_status(worker.manager.accel, worker.settings) == {"requested": "fp8", "applied": None}
-    with caplog.at_level(logging.WARNING, logger="wan_worker.accel"):
+    with caplog.at_level(logging.WARNING, logger="wan_worker.runtime.accel"):
         worker.manager.pipeline("t2v")
         worker.manager.pipeline("vace")  # a second transformer: no second warning
     warnings = [r for r in caplog.records if "PRECISION=fp8" in r.getMessage()]

@@ -27,8 +27,8 @@ from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, png_data_uri, tiny_worke
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from wan_worker.errors import ErrorCode
-from wan_worker.presets import JOB_TYPES as PRESET_JOB_TYPES
+from wan_worker.contract.errors import ErrorCode
+from wan_worker.contract.presets import JOB_TYPES as PRESET_JOB_TYPES
 
 COMMON = dict(
     deadline=None,
@@ -241,9 +241,9 @@ def fuzz_worker(tiny_models):
 
 def too_costly(job_input: Any) -> bool:
     """True for the rare valid job that is too expensive for CI (checked with the real parser)."""
-    from wan_worker.errors import WorkerError
-    from wan_worker.jobs import build_job
-    from wan_worker.schema import parse_job_input
+    from wan_worker.contract.errors import WorkerError
+    from wan_worker.contract.jobs import build_job
+    from wan_worker.contract.schema import parse_job_input
 
     try:
         inp = parse_job_input(job_input)

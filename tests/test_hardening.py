@@ -19,8 +19,8 @@ from helpers.faultproxy import FaultProxy
 from helpers.inprocess import SMALL_IMAGE, handle, s3_settings, tiny_worker
 from helpers.workers import ROOT, run_test_input, start_api_worker, stop, worker_env
 
-from wan_worker.local_s3 import BUCKET
-from wan_worker.tiny import T2V_DIR
+from wan_worker.infra.local_s3 import BUCKET
+from wan_worker.runtime.tiny import T2V_DIR
 
 
 def json_lines(text: str) -> list[dict]:
@@ -80,7 +80,7 @@ def test_worker_without_weights_starts_reports_and_recovers(tiny_models, tmp_pat
 
 
 def _started_worker(monkeypatch, worker, fault: BaseException):
-    from wan_worker import worker as worker_module
+    from wan_worker.serving import worker as worker_module
 
     def warm_up(*args):
         raise fault
@@ -228,7 +228,7 @@ def test_reused_id_never_overwrites_another_runpod_jobs_files(tiny_models, s3):
 def test_secret_printed_by_the_sdk_logger_is_redacted(tiny_models):
     secret = "cb-secret-in-an-sdk-print-41d9"
     code = (
-        "from wan_worker.worker import get_worker\n"
+        "from wan_worker.serving.worker import get_worker\n"
         "get_worker()\n"
         "from runpod.serverless.modules.rp_logger import RunPodLogger\n"
         f"RunPodLogger().info('callback secret is {secret} here')\n"
@@ -254,8 +254,8 @@ def test_local_test_input_posts_no_progress(tiny_models, s3):
 
 
 def test_worker_concurrency_above_one_is_capped_with_a_warning(tiny_models, monkeypatch, captured_logs):
-    from wan_worker import settings as settings_module
-    from wan_worker import worker as worker_module
+    from wan_worker.contract import settings as settings_module
+    from wan_worker.serving import worker as worker_module
 
     monkeypatch.setenv("WORKER_CONCURRENCY", "4")
     settings_module.get_settings.cache_clear()
@@ -280,8 +280,8 @@ def test_image_reference_fallback_says_text_to_image(tiny_models):
 
 
 def test_work_dir_probe_leaves_nothing_behind(tmp_path):
-    from wan_worker.readiness import work_dir_problem
-    from wan_worker.settings import Settings
+    from wan_worker.contract.settings import Settings
+    from wan_worker.runtime.readiness import work_dir_problem
 
     assert work_dir_problem(Settings(work_dir=tmp_path)) is None
     assert list(tmp_path.iterdir()) == []
@@ -305,7 +305,7 @@ def table_codes(text: str, header: str) -> list[str]:
 
 
 def test_error_code_tables_match_the_error_codes():
-    from wan_worker.errors import ErrorCode
+    from wan_worker.contract.errors import ErrorCode
 
     codes = sorted(code.value for code in ErrorCode)
     readme = table_codes((ROOT / "README.md").read_text(), "| `error_code` | meaning |")
@@ -320,7 +320,7 @@ def test_error_code_tables_match_the_error_codes():
 
 
 def test_hub_env_defaults_match_settings_defaults():
-    from wan_worker.settings import Settings
+    from wan_worker.contract.settings import Settings
 
     hub = json.loads((ROOT / ".runpod" / "hub.json").read_text())
     checked = 0

@@ -31,7 +31,7 @@ def load(path: Path) -> dict:
 
 
 def known_env(key: str) -> bool:
-    from wan_worker.settings import Settings
+    from wan_worker.contract.settings import Settings
 
     return key.lower() in Settings.model_fields or key in OTHER_ENV
 
@@ -108,10 +108,10 @@ def test_cuda_versions_match_the_dockerfile_base():
 
 
 def test_hub_tests_are_the_real_video_fast_job_and_a_reference_job():
-    from wan_worker.jobs import build_job
-    from wan_worker.references import load_reference
-    from wan_worker.schema import parse_job_input
-    from wan_worker.settings import Settings
+    from wan_worker.contract.jobs import build_job
+    from wan_worker.contract.schema import parse_job_input
+    from wan_worker.contract.settings import Settings
+    from wan_worker.stages.references import load_reference
 
     tests = load(TESTS)["tests"]
     jobs = [build_job(parse_job_input(t["input"]), job_id="hub") for t in tests]
@@ -150,8 +150,8 @@ def test_reference_hub_test_runs_on_the_tiny_profile(tiny_models):
 
 def test_concurrency_modifier_defaults_to_one_and_is_capped_at_one(monkeypatch):
     """runpod 1.12 runs a synchronous handler's jobs one after another: more than 1 only queues."""
-    from wan_worker import settings as settings_module
-    from wan_worker.worker import concurrency_modifier
+    from wan_worker.contract import settings as settings_module
+    from wan_worker.serving.worker import concurrency_modifier
 
     monkeypatch.delenv("WORKER_CONCURRENCY", raising=False)
     settings_module.get_settings.cache_clear()
@@ -171,8 +171,8 @@ def test_concurrency_modifier_defaults_to_one_and_is_capped_at_one(monkeypatch):
 def test_handler_starts_the_sdk_with_handler_and_concurrency_modifier(monkeypatch):
     import runpod
 
-    from wan_worker import settings as settings_module
-    from wan_worker import worker as worker_module
+    from wan_worker.contract import settings as settings_module
+    from wan_worker.serving import worker as worker_module
 
     started: list[dict] = []
     monkeypatch.setattr(runpod.serverless, "start", started.append)
@@ -221,7 +221,7 @@ def _as_env_text(value) -> str:
 
 
 def test_hub_readme_and_settings_agree_on_defaults():
-    from wan_worker.settings import Settings
+    from wan_worker.contract.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", readme, re.MULTILINE))

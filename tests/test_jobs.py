@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from wan_worker import presets as P
-from wan_worker.errors import InvalidInput
-from wan_worker.jobs import build_job
-from wan_worker.schema import parse_job_input
+from wan_worker.contract import presets as P
+from wan_worker.contract.errors import InvalidInput
+from wan_worker.contract.jobs import build_job
+from wan_worker.contract.schema import parse_job_input
 
 
 def job(raw: dict, job_id: str = "j1"):

@@ -20,9 +20,9 @@ from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, png_data_uri, s3
 from helpers.logcapture import CALLBACK_SECRET, SECRETS
 from helpers.workers import start_api_worker, stop, worker_env
 
-from wan_worker.local_s3 import ACCESS_KEY as S3_KEY
-from wan_worker.local_s3 import free_port
-from wan_worker.presets import JOB_TYPES as PRESET_JOB_TYPES
+from wan_worker.contract.presets import JOB_TYPES as PRESET_JOB_TYPES
+from wan_worker.infra.local_s3 import ACCESS_KEY as S3_KEY
+from wan_worker.infra.local_s3 import free_port
 
 JOB_TYPES = list(PRESET_JOB_TYPES)  # the one vocabulary, in its order
 METRIC_FIELDS = {
@@ -235,8 +235,8 @@ def test_metrics_flags(tiny_models, s3, captured_logs):
 
 def env_worker(monkeypatch, tmp_path: Path, **env: str):
     """A worker whose settings come from the environment, as in production."""
-    from wan_worker.settings import Settings
-    from wan_worker.worker import Worker
+    from wan_worker.contract.settings import Settings
+    from wan_worker.serving.worker import Worker
 
     for name in list(__import__("os").environ):
         if name.startswith(("BUCKET_", "CALLBACK_", "RUNPOD_", "HF_TOKEN", "MODEL", "JOB_", "UPLOAD_")):

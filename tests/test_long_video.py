@@ -21,11 +21,11 @@ from helpers.inprocess import handle, png_data_uri, tiny_worker
 from helpers.mediacheck import probe_video
 from helpers.workers import run_test_input, worker_env
 
-from wan_worker.generate import DecodedFrames
-from wan_worker.long_video import LongVideo
-from wan_worker.media import to_uint8
-from wan_worker.segments import MIN_NEW_FRAMES, CostModel, plan_segments
-from wan_worker.stitch import SeamMeter, crossfade, match_colour
+from wan_worker.serving.long_video import LongVideo
+from wan_worker.stages.generate import DecodedFrames
+from wan_worker.stages.media import to_uint8
+from wan_worker.stages.segments import MIN_NEW_FRAMES, CostModel, plan_segments
+from wan_worker.stages.stitch import SeamMeter, crossfade, match_colour
 
 LONG = {"segment_frames": 5, "single_pass_max_frames": 5, "inline_max_bytes": 50_000_000}
 BASE = {
@@ -187,7 +187,7 @@ def test_colour_match_and_crossfade_remove_a_colour_jump():
 
 
 def test_video_stream_appends_segments_into_one_mp4(tmp_path):
-    from wan_worker.media import VideoStream
+    from wan_worker.stages.media import VideoStream
 
     stream = VideoStream(tmp_path / "0.mp4", 12)
     for shade in (0.2, 0.5, 0.8):  # float segments and uint8 ones alike
@@ -203,7 +203,7 @@ def test_video_stream_appends_segments_into_one_mp4(tmp_path):
 
 def test_three_segments_continue_each_other(worker, calls, tmp_path, captured_logs, monkeypatch):
     """7 frames in segments of 5: kept frames are the previous segment's decoded output."""
-    monkeypatch.setattr("wan_worker.long_video.SEAM_JUMP_RATIO", 0.0)  # any seam counts: the flag's plumbing
+    monkeypatch.setattr("wan_worker.serving.long_video.SEAM_JUMP_RATIO", 0.0)  # any seam counts: the flag's plumbing
     recorded, prompts = calls
     progress: list[dict] = []
     job = {**BASE, "frame_num": 7, "segment_prompts": ["shot one", "shot two"]}
@@ -314,8 +314,8 @@ def test_segment_pipelines_per_reference_mode(mode, count, expected):
 def test_start_and_end_condition_only_their_segment(worker):
     from PIL import Image
 
-    from wan_worker.jobs import build_job
-    from wan_worker.schema import parse_job_input
+    from wan_worker.contract.jobs import build_job
+    from wan_worker.contract.schema import parse_job_input
 
     job = build_job(parse_job_input({**BASE, "frame_num": 18}), "j")
     plan = plan_segments(18, 4, 9)  # 9 frames, then 9 keeping 4, then 9 keeping 5

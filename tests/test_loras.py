@@ -19,14 +19,14 @@ from helpers.inprocess import handle, png_data_uri, tiny_settings, tiny_worker
 from helpers.workers import ApiWorker, start_api_worker, stop, worker_env
 from safetensors.torch import save_file
 
-from wan_worker.accel import transformer_dummy_inputs
-from wan_worker.jobs import LoraRequest, build_job
-from wan_worker.loras import LoraRuntime, add_slots, slots_active
-from wan_worker.models import ModelManager
-from wan_worker.schema import parse_job_input
-from wan_worker.tiny import T2V_DIR
+from wan_worker.contract.jobs import LoraRequest, build_job
+from wan_worker.contract.schema import parse_job_input
+from wan_worker.runtime.accel import transformer_dummy_inputs
+from wan_worker.runtime.loras import LoraRuntime, add_slots, slots_active
+from wan_worker.runtime.models import ModelManager
+from wan_worker.runtime.tiny import T2V_DIR
 
-#: The tiny transformer (wan_worker.tiny): width 24, feed-forward 32, text 32, two blocks.
+#: The tiny transformer (wan_worker.runtime.tiny): width 24, feed-forward 32, text 32, two blocks.
 WIDTH, FFN, BLOCKS = 24, 32, 2
 JOB = {
     "job_type": "image_fast",
@@ -376,7 +376,7 @@ def test_cache_is_lru_bounded_and_counted_in_the_budget(tiny_models, lora_dir):
 
 def test_turbo_job_ignores_sidecar_sampling_defaults(tmp_path):
     """Turbo's distilled schedule is fixed: a DMD sidecar's steps and timesteps don't reach it."""
-    from wan_worker.loras import LoraDefaults, LoraFile, _apply_defaults
+    from wan_worker.runtime.loras import LoraDefaults, LoraFile, _apply_defaults
 
     job = build_job(parse_job_input({"prompt": "a fox", "quality": "turbo", "loras": [{"name": "dmd"}]}), "t")
     before = (job.steps, job.timesteps, job.sampler, job.flow_shift, dict(job.sampling_sources))

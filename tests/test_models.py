@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from wan_worker.errors import ModelUnavailable
-from wan_worker.models import ModelLocator, estimate_working_bytes
-from wan_worker.settings import Settings
-from wan_worker.tiny import T2V_DIR
-from wan_worker.worker import Worker
+from wan_worker.contract.errors import ModelUnavailable
+from wan_worker.contract.settings import Settings
+from wan_worker.runtime.models import ModelLocator, estimate_working_bytes
+from wan_worker.runtime.tiny import T2V_DIR
+from wan_worker.serving.worker import Worker
 
 
 def test_full_profile_loads_from_models_dir(tiny_models, tmp_path):
@@ -59,8 +59,8 @@ def test_working_memory_estimate_grows_with_tokens():
 
 
 def test_warmup_on_start_loads_before_the_first_job(tiny_models, monkeypatch):
-    from wan_worker import settings as settings_module
-    from wan_worker import worker as worker_module
+    from wan_worker.contract import settings as settings_module
+    from wan_worker.serving import worker as worker_module
 
     monkeypatch.setenv("MODEL_PROFILE", "tiny")
     monkeypatch.setenv("TINY_MODELS_DIR", str(tiny_models))
@@ -88,8 +88,8 @@ def test_fused_vae_norms_decode_like_diffusers(tiny_models, monkeypatch, compile
     import torch
     from diffusers import AutoencoderKLWan
 
-    from wan_worker import patches
-    from wan_worker.accel import compile_vae_norms
+    from wan_worker.runtime import patches
+    from wan_worker.runtime.accel import compile_vae_norms
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C compiler")
@@ -120,7 +120,7 @@ def test_transformer_blocks_run_eagerly_when_compile_fails(tiny_models, monkeypa
     import torch
     from diffusers import WanTransformer3DModel
 
-    from wan_worker.accel import compile_blocks, transformer_dummy_inputs
+    from wan_worker.runtime.accel import compile_blocks, transformer_dummy_inputs
 
     def failing_compile(fn, **kwargs):
         def call(*args, **kw):
@@ -145,7 +145,7 @@ def test_transformer_blocks_run_eagerly_when_compile_fails(tiny_models, monkeypa
 def test_an_error_eager_code_raises_too_does_not_switch_compile_off():
     """EagerFallback only gives up on compile when the eager call succeeds where the compiled
     one failed; a genuine error propagates and compile stays on."""
-    from wan_worker.accel import EagerFallback
+    from wan_worker.runtime.accel import EagerFallback
 
     def compiled(x):
         raise RuntimeError("compiled failed")

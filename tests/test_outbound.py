@@ -1,4 +1,4 @@
-"""Outbound requests (``wan_worker.net``): parser differentials, DNS rebinding, deadlines, redirects.
+"""Outbound requests (``wan_worker.infra.net``): parser differentials, DNS rebinding, deadlines, redirects.
 
 Every server here is real and listens on loopback, or on a public-looking address inside a
 loopback-only network namespace (``helpers/netns.py``); a resolver is injected where a name is needed,
@@ -23,8 +23,9 @@ from helpers.logcapture import CALLBACK_SECRET
 from helpers.refserver import RefServer, png_bytes
 from helpers.workers import ApiWorker, start_api_worker, stop, worker_env
 
-from wan_worker import callback, net
-from wan_worker.settings import Settings
+from wan_worker.contract.settings import Settings
+from wan_worker.infra import net
+from wan_worker.stages import callback
 
 PNG = png_bytes((10, 200, 10), (32, 32))
 
@@ -251,7 +252,7 @@ def test_dns_rebinding_gets_one_lookup_and_the_checked_address():
             f"""
             import json
             from helpers.refserver import RefServer
-            from wan_worker import net
+            from wan_worker.infra import net
 
             public = RefServer(host="{netns.PUBLIC}")
             loopback = RefServer(port=public.port)  # same port on 127.0.0.1
@@ -282,7 +283,7 @@ def test_every_redirect_hop_is_parsed_resolved_and_checked():
             f"""
             import json
             from helpers.refserver import RefServer
-            from wan_worker import net
+            from wan_worker.infra import net
 
             public = RefServer(host="{netns.PUBLIC}")
             loopback = RefServer()

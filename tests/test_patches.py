@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from wan_worker import patches
+from wan_worker.runtime import patches
 
 
 def source_hash(obj) -> str:
@@ -107,7 +107,7 @@ def test_a_patch_is_skipped_with_a_logged_reason_on_another_version(monkeypatch,
     monkeypatch.setitem(patches.VERIFIED, "diffusers", "0.0.1")
     monkeypatch.setattr(patches, "_skipped", set())
     linear = torch.nn.Linear(2, 2)
-    with caplog.at_level(logging.WARNING, logger="wan_worker.patches"):
+    with caplog.at_level(logging.WARNING, logger="wan_worker.runtime.patches"):
         assert not patches.compile_forward(linear, lambda forward: forward)
         assert not patches.compile_forward(linear, lambda forward: forward)
     skipped = [r for r in caplog.records if r.getMessage() == "library patch skipped"]
@@ -134,8 +134,8 @@ def test_compiled_block_hooks_trace_whole_and_sit_inside_the_step_cache(tiny_mod
 
     from diffusers import WanTransformer3DModel
 
-    from wan_worker.accel import compile_blocks, step_cache, transformer_dummy_inputs
-    from wan_worker.tiny import T2V_DIR
+    from wan_worker.runtime.accel import compile_blocks, step_cache, transformer_dummy_inputs
+    from wan_worker.runtime.tiny import T2V_DIR
 
     graphs: list = []
 
@@ -166,7 +166,7 @@ def test_json_logs_format_utc_without_changing_other_formatters():
     """Not a patch: the UTC converter belongs to ``JsonFormatter``, not to ``logging.Formatter``."""
     import time
 
-    from wan_worker import logs
+    from wan_worker.infra import logs
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level

@@ -14,8 +14,8 @@ import requests
 from diffusers import WanPipeline, WanVACEPipeline, WanVideoToVideoPipeline
 from helpers.refserver import RefServer
 
-from wan_worker.settings import Settings
-from wan_worker.worker import Worker
+from wan_worker.contract.settings import Settings
+from wan_worker.serving.worker import Worker
 
 SMALL = {"width": 256, "height": 256}
 VIDEO = {

@@ -13,8 +13,8 @@ from helpers import netns
 from helpers.refserver import RefServer, png_bytes
 from PIL import Image
 
-from wan_worker import references as R
-from wan_worker.settings import Settings
+from wan_worker.contract.settings import Settings
+from wan_worker.stages import references as R
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def test_redirect_target_is_checked_too():
             f"""
             import json
             from helpers.refserver import RefServer
-            from wan_worker import references as R
-            from wan_worker.settings import Settings
+            from wan_worker.stages import references as R
+            from wan_worker.contract.settings import Settings
 
             server = RefServer(host="{netns.PUBLIC}")
             url = server.url("/redirect?to=http://127.0.0.1:1/red.png")

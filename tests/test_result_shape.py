@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from helpers.inprocess import SMALL_VIDEO, handle, tiny_worker
 
-from wan_worker.observer import JobObserver
+from wan_worker.stages.observer import JobObserver
 
 TOP = ["status", "job_id", "assets", "metadata", "warnings"]
 ASSET = [

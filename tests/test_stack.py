@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wan_worker import stack
+from wan_worker.runtime import stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_precision_setting_agrees_in_settings_readme_deploy_and_hub():
     import json
     import typing
 
-    from wan_worker.settings import Settings
+    from wan_worker.contract.settings import Settings
 
     field = Settings.model_fields["precision"]
     choices = set(typing.get_args(field.annotation))

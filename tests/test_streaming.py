@@ -9,11 +9,11 @@ import torch
 from helpers.inprocess import tiny_worker
 from helpers.mediacheck import probe_video
 
-from wan_worker.generate import DecodedFrames, build_conditioning
-from wan_worker.jobs import build_job
-from wan_worker.media import VideoStream
-from wan_worker.progress import Progress
-from wan_worker.schema import parse_job_input
+from wan_worker.contract.jobs import build_job
+from wan_worker.contract.schema import parse_job_input
+from wan_worker.stages.generate import DecodedFrames, build_conditioning
+from wan_worker.stages.media import VideoStream
+from wan_worker.stages.progress import Progress
 
 JOB = {"job_type": "video_fast", "prompt": "a streaming test", "width": 256, "height": 256, "frame_num": 5, "seed": 5}
 

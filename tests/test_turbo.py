@@ -18,10 +18,10 @@ from helpers.inprocess import SMALL_IMAGE, SMALL_VIDEO, handle, png_data_uri, ti
 from helpers.mediacheck import open_image, probe_video
 from safetensors import safe_open
 
-from wan_worker.jobs import build_job
-from wan_worker.models import module_bytes
-from wan_worker.schema import parse_job_input
-from wan_worker.tiny import TURBO_DIR
+from wan_worker.contract.jobs import build_job
+from wan_worker.contract.schema import parse_job_input
+from wan_worker.runtime.models import module_bytes
+from wan_worker.runtime.tiny import TURBO_DIR
 
 TURBO_MODEL = "FastVideo/FastWan2.1-T2V-1.3B-Diffusers"
 VIDEO = {**SMALL_VIDEO, "quality": "turbo", "config": {}}
@@ -226,8 +226,8 @@ def test_corrupt_turbo_weights_fail_turbo_jobs_only(tiny_models, tmp_path):
 
 
 def test_warm_up_loads_turbo_when_it_is_the_default(tiny_models, monkeypatch):
-    from wan_worker import settings as settings_module
-    from wan_worker import worker as worker_module
+    from wan_worker.contract import settings as settings_module
+    from wan_worker.serving import worker as worker_module
 
     monkeypatch.setenv("MODEL_PROFILE", "tiny")
     monkeypatch.setenv("TINY_MODELS_DIR", str(tiny_models))

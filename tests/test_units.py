@@ -12,12 +12,12 @@ import requests
 from helpers.mediacheck import probe_video
 from PIL import Image
 
-from wan_worker import logs
-from wan_worker.errors import StorageError
-from wan_worker.media import encode
-from wan_worker.progress import Progress
-from wan_worker.settings import Settings
-from wan_worker.storage import Storage
+from wan_worker.contract.errors import StorageError
+from wan_worker.contract.settings import Settings
+from wan_worker.infra import logs
+from wan_worker.stages.media import encode
+from wan_worker.stages.progress import Progress
+from wan_worker.stages.storage import Storage
 
 
 def frames(count: int, h: int = 64, w: int = 96) -> np.ndarray:

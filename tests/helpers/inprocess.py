@@ -9,9 +9,9 @@ from typing import Any
 
 from PIL import Image
 
-from wan_worker.local_s3 import ACCESS_KEY as S3_KEY
-from wan_worker.local_s3 import BUCKET, S3Server
-from wan_worker.local_s3 import SECRET_KEY as S3_SECRET
+from wan_worker.infra.local_s3 import ACCESS_KEY as S3_KEY
+from wan_worker.infra.local_s3 import BUCKET, S3Server
+from wan_worker.infra.local_s3 import SECRET_KEY as S3_SECRET
 
 #: A small, fast job of each kind for in-process runs (256x256, 1-2 steps, 5 frames).
 SMALL_VIDEO = {
@@ -35,7 +35,7 @@ SMALL_IMAGE = {
 
 def tiny_settings(tiny_models: Path, **overrides: Any):
     """In-process ``Settings`` for the tiny profile (no environment read beyond defaults)."""
-    from wan_worker.settings import Settings
+    from wan_worker.contract.settings import Settings
 
     values: dict[str, Any] = dict(
         model_profile="tiny", tiny_models_dir=tiny_models, allow_private_reference_urls=True, upload_attempts=2
@@ -56,7 +56,7 @@ def s3_settings(server: S3Server, endpoint: str | None = None) -> dict[str, Any]
 
 def tiny_worker(tiny_models: Path, **overrides: Any):
     """An in-process ``Worker`` on the tiny profile (``tiny_settings`` + overrides)."""
-    from wan_worker.worker import Worker
+    from wan_worker.serving.worker import Worker
 
     return Worker(tiny_settings(tiny_models, **overrides))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from wan_worker.local_s3 import SECRET_KEY as S3_SECRET
+from wan_worker.infra.local_s3 import SECRET_KEY as S3_SECRET
 
 #: Known secret values put into the environment by the secret-leak tests. The bucket secret
 #: is the real one of the test S3 server, so uploads keep working with it.

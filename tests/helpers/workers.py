@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from wan_worker.local_s3 import free_port, wait_for_port
+from wan_worker.infra.local_s3 import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import net
-from .settings import Settings
+from wan_worker.contract.settings import Settings
+from wan_worker.infra import net
 
 log = logging.getLogger(__name__)
 

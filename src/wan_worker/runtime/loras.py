@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import presets as P
-from .errors import InvalidInput
-from .settings import Settings
+from wan_worker.contract import presets as P
+from wan_worker.contract.errors import InvalidInput
+from wan_worker.contract.settings import Settings
 
 if TYPE_CHECKING:
-    from .jobs import Job, LoraRequest
-    from .models import ModelManager
+    from wan_worker.contract.jobs import Job, LoraRequest
+    from wan_worker.runtime.models import ModelManager
 
 log = logging.getLogger(__name__)
 

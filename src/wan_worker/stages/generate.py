@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import presets as P
-from .accel import step_cache
-from .errors import JobTimeout
-from .jobs import Job
-from .loras import LoraRuntime
-from .models import ModelManager, estimate_working_bytes
-from .progress import Progress
-from .settings import Settings
+from wan_worker.contract import presets as P
+from wan_worker.contract.errors import JobTimeout
+from wan_worker.contract.jobs import Job
+from wan_worker.contract.settings import Settings
+from wan_worker.runtime.accel import step_cache
+from wan_worker.runtime.loras import LoraRuntime
+from wan_worker.runtime.models import ModelManager, estimate_working_bytes
+from wan_worker.stages.progress import Progress
 
 GRAY, BLACK, WHITE = (128, 128, 128), (0, 0, 0), (255, 255, 255)
 MAX_SEQUENCE_LENGTH = 512
@@ -290,7 +290,7 @@ class Generator:
 def scheduler_for(job: Job, base_config: Any, generator: torch.Generator):
     """UniPC at the job's flow shift, or DMD on the job's timesteps re-noising from ``generator``."""
     if job.sampler == "dmd":
-        from .dmd import DMDScheduler
+        from wan_worker.runtime.dmd import DMDScheduler
 
         return DMDScheduler.for_schedule(job.timesteps or P.TURBO_TIMESTEPS, job.flow_shift, generator)
     from diffusers import UniPCMultistepScheduler

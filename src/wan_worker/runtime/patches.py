@@ -75,7 +75,7 @@ def enable_fa3() -> bool:
         return True
     if not _allowed("enable_fa3", "diffusers"):
         return False
-    from .fp8 import fa3_flash_attn_func
+    from wan_worker.runtime.fp8 import fa3_flash_attn_func
 
     func = fa3_flash_attn_func()
     if func is None:

@@ -17,8 +17,8 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import net
-from .settings import Settings
+from wan_worker.contract.settings import Settings
+from wan_worker.infra import net
 
 RESIZE_POLICY = "center_crop"
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}

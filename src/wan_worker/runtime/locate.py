@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelUnavailable
-from .settings import Settings
+from wan_worker.contract.errors import ModelUnavailable
+from wan_worker.contract.settings import Settings
 
 DOWNLOAD_HINT = "python builder/download_models.py --models-dir {models_dir}"
 
@@ -24,7 +24,7 @@ class ModelLocator:
         if Path(repo_id).is_dir():  # an explicit local checkpoint wins in every profile
             return Path(repo_id)
         if s.model_profile == "tiny":
-            from . import tiny
+            from wan_worker.runtime import tiny
 
             path = tiny.ensure_tiny_models(s.tiny_models_dir) / Path(repo_id).name
             if path.is_dir():

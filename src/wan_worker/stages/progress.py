@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .observer import NO_OBSERVER, JobObserver
+from wan_worker.stages.observer import NO_OBSERVER, JobObserver
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from wan_worker.contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

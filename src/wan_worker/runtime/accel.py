@@ -43,9 +43,9 @@ from typing import Any
 
 import torch
 
-from . import patches
-from .patches import enable_fa3
-from .settings import Settings
+from wan_worker.contract.settings import Settings
+from wan_worker.runtime import patches
+from wan_worker.runtime.patches import enable_fa3
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings, report: Ac
         if precision is None or precision.requested != settings.precision:
             report.precision = PrecisionReport(settings.precision, settings.precision)
         return settings.precision
-    from . import fp8
+    from wan_worker.runtime import fp8
 
     if precision is None or precision.requested != "fp8":  # decided once per report
         reason = fp8.unavailable_reason()

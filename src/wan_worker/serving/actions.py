@@ -11,15 +11,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .accel import precision_status
-from .settings import SECRET_ENV_VARS, Settings, env_presence
+from wan_worker.contract.settings import SECRET_ENV_VARS, Settings, env_presence
+from wan_worker.runtime.accel import precision_status
 
 if TYPE_CHECKING:
-    from .enhance import Enhancer
-    from .loras import LoraRuntime
-    from .models import ModelManager
-    from .readiness import Readiness
-    from .schema import JobInput
+    from wan_worker.contract.schema import JobInput
+    from wan_worker.runtime.loras import LoraRuntime
+    from wan_worker.runtime.models import ModelManager
+    from wan_worker.runtime.readiness import Readiness
+    from wan_worker.stages.enhance import Enhancer
 
 EXPECTED_ENV_VARS = (
     "MODEL_PROFILE",

@@ -6,12 +6,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .enhance import Enhancement
-from .generate import Conditioning
-from .media import EncodedMedia
-from .references import RESIZE_POLICY
-from .schema import Asset, AssetMetadata, JobMetadata, JobResult
-from .stages import Generation, JobRun, Prompts, References, Stored
+from wan_worker.contract.schema import Asset, AssetMetadata, JobMetadata, JobResult
+from wan_worker.serving.flow import Generation, JobRun, Prompts, References, Stored
+from wan_worker.stages.enhance import Enhancement
+from wan_worker.stages.generate import Conditioning
+from wan_worker.stages.media import EncodedMedia
+from wan_worker.stages.references import RESIZE_POLICY
 
 
 @dataclass

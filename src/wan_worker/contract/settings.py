@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .presets import Quality
+from wan_worker.contract.presets import Quality
 
 #: Names of the variables whose *values* are secret. ``debug_env`` reports only whether they
 #: are set, and the log redaction filter masks their values wherever they appear.

@@ -27,8 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from . import presets as P
-from .errors import InvalidInput
+from wan_worker.contract import presets as P
+from wan_worker.contract.errors import InvalidInput
 
 JobTypeName = P.JobTypeName
 ReferenceMode = P.ReferenceMode

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoding import DELIMITER, generation_kwargs
-from .models import GiB, ModelManager
-from .settings import Settings
+from wan_worker.contract.settings import Settings
+from wan_worker.runtime.decoding import DELIMITER, generation_kwargs
+from wan_worker.runtime.models import GiB, ModelManager
 
 log = logging.getLogger(__name__)
 

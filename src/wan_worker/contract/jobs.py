@@ -11,10 +11,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import presets as P
-from .errors import InvalidInput
-from .presets import ReferenceMode
-from .schema import JobInput
+from wan_worker.contract import presets as P
+from wan_worker.contract.errors import InvalidInput
+from wan_worker.contract.presets import ReferenceMode
+from wan_worker.contract.schema import JobInput
 
 #: Where each reference can come from, in precedence order.
 REFERENCE_SOURCES: dict[P.ReferenceRole, tuple[tuple[str, str], ...]] = {

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GPU_REQUIREMENTS = ROOT / "requirements-gpu.txt"
 REQUIREMENTS = ROOT / "requirements.txt"
 

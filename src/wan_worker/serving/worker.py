@@ -1,7 +1,7 @@
 """One RunPod job end to end, and the mapping of every failure to a clear error.
 
 ``handler`` -> ``Worker.handle`` (job id in the logs) -> ``Worker.run`` (validate, or an action)
--> ``Worker.generate``: the numbered stages of ``stages.py``, each handing a typed value to the
+-> ``Worker.generate``: the numbered stages of ``flow.py``, each handing a typed value to the
 next -> ``result.py`` builds the typed ``JobResult`` -> callback and one metrics log line. The
 output becomes a dict only when ``handle`` returns it.
 """
@@ -16,23 +16,25 @@ from typing import Any
 
 import torch
 
-from . import actions, callback, logs, result, stages
-from . import presets as P
-from .actions import ActionContext
-from .enhance import Enhancer
-from .errors import ErrorCode, WorkerError
-from .generate import Generator, build_conditioning, model_pipeline
-from .jobs import Job, build_job
-from .long_video import LongVideo
-from .models import ModelManager
-from .observer import NO_OBSERVER, JobObserver
-from .progress import Progress, Sender, runpod_sender
-from .readiness import Readiness
-from .result import Metrics, Outcome
-from .schema import JobFailure, JobOutput, parse_job_input
-from .segments import CostModel
-from .settings import Settings, get_settings
-from .storage import Storage
+from wan_worker.contract import presets as P
+from wan_worker.contract.errors import ErrorCode, WorkerError
+from wan_worker.contract.jobs import Job, build_job
+from wan_worker.contract.schema import JobFailure, JobOutput, parse_job_input
+from wan_worker.contract.settings import Settings, get_settings
+from wan_worker.infra import logs
+from wan_worker.runtime.models import ModelManager
+from wan_worker.runtime.readiness import Readiness
+from wan_worker.serving import actions, flow, result
+from wan_worker.serving.actions import ActionContext
+from wan_worker.serving.long_video import LongVideo
+from wan_worker.serving.result import Metrics, Outcome
+from wan_worker.stages import callback
+from wan_worker.stages.enhance import Enhancer
+from wan_worker.stages.generate import Generator, build_conditioning, model_pipeline
+from wan_worker.stages.observer import NO_OBSERVER, JobObserver
+from wan_worker.stages.progress import Progress, Sender, runpod_sender
+from wan_worker.stages.segments import CostModel
+from wan_worker.stages.storage import Storage
 
 log = logging.getLogger("wan_worker")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -45,7 +47,7 @@ class Worker:
         self.settings = settings
         self.observer = observer
         manager = ModelManager(settings)
-        self.runtime = stages.Runtime(
+        self.runtime = flow.Runtime(
             settings=settings,
             manager=manager,
             generator=Generator(manager, settings),
@@ -135,7 +137,7 @@ class Worker:
     def generate(self, job: Job, runpod_id: str, progress: Progress, started: float) -> Outcome:
         rt = self.runtime
         # 1. validate (done by ``build_job``): the job in flight, with its deadline
-        run = stages.start(rt, job, runpod_id, progress, started)
+        run = flow.start(rt, job, runpod_id, progress, started)
         if self.long_video.applies(job):
             return self.long_video.generate(run)
         # 2. plan: LoRAs (a sidecar may set steps/guidance/shift)
@@ -144,19 +146,19 @@ class Worker:
         if job.loras:
             run.timings["lora_loading"] = time.perf_counter() - t
         # 3. references, and the pipeline they select
-        refs = stages.fetch_references(rt, run)
+        refs = flow.fetch_references(rt, run)
         cond = build_conditioning(job, refs.mode, refs.images)
         pipeline = model_pipeline(job, cond)
-        stages.load(rt, run, [pipeline])
+        flow.load(rt, run, [pipeline])
         # 4. enhance
-        prompts = stages.enhance(rt, run, [job.prompt])
-        with stages.work_dir(self.settings, job) as out_dir:
+        prompts = flow.enhance(rt, run, [job.prompt])
+        with flow.work_dir(self.settings, job) as out_dir:
             # 5. generate (a video is encoded into out_dir while it is decoded)
-            generation = stages.generate(rt, run, prompts.used[0], cond, refs, out_dir)
+            generation = flow.generate(rt, run, prompts.used[0], cond, refs, out_dir)
             # 6. encode
-            media = stages.encode_media(rt, run, generation, out_dir)
+            media = flow.encode_media(rt, run, generation, out_dir)
             # 7. store
-            stored = stages.store(rt, run, media)
+            stored = flow.store(rt, run, media)
         # 8. report
         outcome = result.single_pass(
             run, refs, prompts, generation, media, stored, rt.manager.model_id(pipeline), loras_applied

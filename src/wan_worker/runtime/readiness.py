@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ModelUnavailable, WorkDirUnavailable, WorkerError
-from .settings import Settings
+from wan_worker.contract.errors import ModelUnavailable, WorkDirUnavailable, WorkerError
+from wan_worker.contract.settings import Settings
 
 if TYPE_CHECKING:
-    from .models import ModelManager
+    from wan_worker.runtime.models import ModelManager
 
 log = logging.getLogger(__name__)
 

@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import presets as P
-from . import result, stages
-from .errors import ErrorCode, GenerationFailed, InvalidInput, JobTimeout, WorkerError
-from .generate import BLACK, GRAY, WHITE, Conditioning, Generated, model_pipeline
-from .jobs import Job
-from .media import EncodedMedia, VideoStream, to_uint8, write_thumbnail
-from .result import Outcome
-from .segments import ESTIMATE_MARGIN, Segment, plan_segments
-from .stages import JobRun, Runtime
-from .stitch import SEAM_JUMP_RATIO, SeamMeter, crossfade, match_colour
+from wan_worker.contract import presets as P
+from wan_worker.contract.errors import ErrorCode, GenerationFailed, InvalidInput, JobTimeout, WorkerError
+from wan_worker.contract.jobs import Job
+from wan_worker.serving import flow, result
+from wan_worker.serving.flow import JobRun, Runtime
+from wan_worker.serving.result import Outcome
+from wan_worker.stages.generate import BLACK, GRAY, WHITE, Conditioning, Generated, model_pipeline
+from wan_worker.stages.media import EncodedMedia, VideoStream, to_uint8, write_thumbnail
+from wan_worker.stages.segments import ESTIMATE_MARGIN, Segment, plan_segments
+from wan_worker.stages.stitch import SEAM_JUMP_RATIO, SeamMeter, crossfade, match_colour
 
 log = logging.getLogger("wan_worker")
 
@@ -94,24 +94,24 @@ class LongVideo:
             run.warnings.remove(job.frames_adjustment)
         estimate = self._check_estimate(job, plan, run.deadline)
         # 3. references, and the pipelines they select per segment
-        refs = stages.fetch_references(rt, run)
+        refs = flow.fetch_references(rt, run)
         pipelines = [self._pipeline(refs.mode, seg, len(plan)) for seg in plan]
         models = [
             model_pipeline(self._segment_job(job, seg, p), Conditioning(p))
             for seg, p in zip(plan, pipelines, strict=True)
         ]
-        stages.load(rt, run, models)
+        flow.load(rt, run, models)
         # 4. enhance
         given = [job.segment_prompts[i] if i < len(job.segment_prompts) else job.prompt for i in range(len(plan))]
-        prompts = stages.enhance(rt, run, given, segments=True)
+        prompts = flow.enhance(rt, run, given, segments=True)
         run.check_deadline(s, "before generation")
         # 5.-6. generate and encode: segment by segment into the MP4
         run.progress.enter(
             "generating", step=0, total_steps=job.steps, reference_mode=refs.mode, segment=1, segments=len(plan)
         )
-        stages.reset_peak_memory()
-        with stages.work_dir(s, job) as out_dir:
-            with stages.disk_full_is_retryable(s, "video"):
+        flow.reset_peak_memory()
+        with flow.work_dir(s, job) as out_dir:
+            with flow.disk_full_is_retryable(s, "video"):
                 records, meter, conds = self._segments(run, plan, pipelines, prompts.used, refs, out_dir)
             for key in ("text_encoding", "denoising", "vae_decode", "stitching"):
                 run.timings[key] = sum(r["timings"][key] for r in records)
@@ -127,7 +127,7 @@ class LongVideo:
                 round(meter.frames / job.fps, 4),
             )
             # 7. store
-            stored = stages.store(rt, run, media)
+            stored = flow.store(rt, run, media)
         # 8. report
         seams = meter.report()
         flags = ["seam_jump"] if seams[1] is not None and seams[1] > SEAM_JUMP_RATIO else []
@@ -142,7 +142,7 @@ class LongVideo:
             seams,
             estimate,
             s.segment_frames,
-            stages.peak_memory_gib(),
+            flow.peak_memory_gib(),
             flags,
         )
 
@@ -242,7 +242,7 @@ class LongVideo:
         plan: list[Segment],
         pipelines: list[str],
         prompts: list[str],
-        refs: stages.References,
+        refs: flow.References,
         out_dir: Path,
     ) -> tuple[list[dict], SeamMeter, list[Conditioning]]:
         """Generate, stitch and stream every segment; only the overlap frames outlive one."""

@@ -20,19 +20,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import presets as P
-from .enhance import Enhancement, Enhancer
-from .errors import ErrorCode, GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
-from .generate import Conditioning, Generated, Generator
-from .jobs import Job
-from .media import EncodedMedia, VideoStream, encode
-from .models import ModelManager
-from .progress import Progress
-from .readiness import Readiness
-from .references import ReferenceFetchError, load_reference, prepare
-from .segments import CostModel
-from .settings import Settings
-from .storage import Storage, StoredObject
+from wan_worker.contract import presets as P
+from wan_worker.contract.errors import ErrorCode, GenerationFailed, JobTimeout, ReferenceUnavailable, WorkerError
+from wan_worker.contract.jobs import Job
+from wan_worker.contract.settings import Settings
+from wan_worker.runtime.models import ModelManager
+from wan_worker.runtime.readiness import Readiness
+from wan_worker.stages.enhance import Enhancement, Enhancer
+from wan_worker.stages.generate import Conditioning, Generated, Generator
+from wan_worker.stages.media import EncodedMedia, VideoStream, encode
+from wan_worker.stages.progress import Progress
+from wan_worker.stages.references import ReferenceFetchError, load_reference, prepare
+from wan_worker.stages.segments import CostModel
+from wan_worker.stages.storage import Storage, StoredObject
 
 log = logging.getLogger("wan_worker")
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from .accel import AccelReport
-from .errors import ModelUnavailable
-from .locate import DOWNLOAD_HINT, ModelLocator
-from .settings import Settings
+from wan_worker.contract.errors import ModelUnavailable
+from wan_worker.contract.settings import Settings
+from wan_worker.runtime.accel import AccelReport
+from wan_worker.runtime.locate import DOWNLOAD_HINT, ModelLocator
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,8 @@ class ModelManager:
                 },
             )
         pipe.set_progress_bar_config(disable=True)
-        from .accel import optimize_transformer, optimize_vae
-        from .loras import prepare_transformer
+        from wan_worker.runtime.accel import optimize_transformer, optimize_vae
+        from wan_worker.runtime.loras import prepare_transformer
 
         prepare_transformer(pipe.transformer, self.settings)  # LoRA slots go in before compile
         self.accel.transformers.append(optimize_transformer(pipe.transformer, self.settings, self.accel))
@@ -246,8 +246,8 @@ class ModelManager:
                 dtype=torch.bfloat16,
                 **self._load_placement(path / "transformer"),
             )
-        from .accel import optimize_transformer
-        from .loras import prepare_transformer
+        from wan_worker.runtime.accel import optimize_transformer
+        from wan_worker.runtime.loras import prepare_transformer
 
         prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
         self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel))
@@ -281,8 +281,8 @@ class ModelManager:
                 "turbo checkpoint: weights unused by dense attention skipped",
                 extra={"count": len(skipped), "modules": sorted({_module_kind(k) for k in skipped})},
             )
-        from .accel import optimize_transformer
-        from .loras import prepare_transformer
+        from wan_worker.runtime.accel import optimize_transformer
+        from wan_worker.runtime.loras import prepare_transformer
 
         prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
         self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel))
@@ -304,7 +304,7 @@ class ModelManager:
         and compile for the default video shape now, so the first job doesn't pay for it
         (WARMUP_ON_START). A missing turbo checkpoint is logged, not fatal: the other qualities
         still serve."""
-        from .accel import load_compile_artifacts, save_compile_artifacts, warm_transformer, warm_vae
+        from wan_worker.runtime.accel import load_compile_artifacts, save_compile_artifacts, warm_transformer, warm_vae
 
         compiles = self.device.type == "cuda" and (self.settings.compile_transformer or self.settings.compile_vae)
         if compiles:
@@ -317,7 +317,7 @@ class ModelManager:
             except ModelUnavailable as exc:
                 log.warning("turbo transformer not loaded at warm-up", extra={"reason": exc.message})
         if self.settings.compile_transformer and self.device.type == "cuda":
-            from .loras import slots_active
+            from wan_worker.runtime.loras import slots_active
 
             for name, transformer in transformers:
                 self.acquire([name], working_bytes=estimate_working_bytes(width, height, frames))
@@ -351,8 +351,8 @@ class ModelManager:
                         path, local_files_only=True, dtype=torch.bfloat16, **self._load_placement(path)
                     )
                 model.eval()
-                from .accel import prepare_qwen
-                from .decoding import generation_kwargs
+                from wan_worker.runtime.accel import prepare_qwen
+                from wan_worker.runtime.decoding import generation_kwargs
 
                 self._register("qwen", model)
                 # on its device: warms the decode graph

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ErrorCode, StorageError
-from .settings import Settings
+from wan_worker.contract.errors import ErrorCode, StorageError
+from wan_worker.contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

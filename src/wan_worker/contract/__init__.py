@@ -1,0 +1,3 @@
+"""The contract: vocabularies, the wire models, job building, error codes and settings.
+
+Imports nothing else of the package."""

@@ -1,0 +1,3 @@
+"""Process plumbing: structured logs with redaction, outbound HTTP, a local S3 server.
+
+Imports only ``contract``."""
