@@ -349,18 +349,18 @@ def test_job_timeout_interrupts_generation_at_the_next_step(tiny_models, work_di
 
 
 def test_each_job_gets_its_own_temp_dir_removed_afterwards(tiny_models, s3, work_dir, monkeypatch):
-    import wan_worker.serving.flow as stages_module
+    from wan_worker.serving import flow
 
     seen: list[Path] = []
-    real_encode = stages_module.encode
+    real_generate = flow.generate
 
-    def spy(frames, out_dir, **kwargs):
+    def spy(rt, run, prompt, cond, refs, out_dir):  # the first stage that writes into the job's dir
         assert list(out_dir.iterdir()) == [], "a job saw another job's files"
         assert out_dir.parent == work_dir
         seen.append(out_dir)
-        return real_encode(frames, out_dir, **kwargs)
+        return real_generate(rt, run, prompt, cond, refs, out_dir)
 
-    monkeypatch.setattr(stages_module, "encode", spy)
+    monkeypatch.setattr(flow, "generate", spy)
     worker = tiny_worker(tiny_models, **s3_settings(s3), work_dir=work_dir)
     assert handle(worker, {**SMALL_VIDEO, "id": "tmp-a"})["status"] == "completed"
     assert handle(worker, {**SMALL_IMAGE, "id": "tmp-b"})["status"] == "completed"
