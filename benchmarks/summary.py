@@ -90,6 +90,7 @@ def _new_feature_summary(s: dict[str, Any]) -> dict[str, Any]:
             out[f"11_throughput_{kind}_s_per_job"] = row["seconds_per_job"]
             out[f"11_throughput_{kind}_jobs_per_gpu_hour"] = row["jobs_per_gpu_hour"]
             out[f"11_throughput_{kind}_concurrency2_upper_bound"] = row["concurrency2_upper_bound"]
+            out[f"11_throughput_{kind}_concurrency2_gain"] = row.get("concurrency2_gain")
     long = s.get("long", {})
     for quality in ("fast", "turbo"):
         rows = long.get(quality)

@@ -6,15 +6,18 @@ enhancement, text encoding, denoising, VAE decode); the CPU-only tail after it e
 media, uploads it and builds the result (and posts the callback when one is set). While one
 job runs that tail the GPU idles, so ``concurrency2_upper_bound`` = job seconds / GPU seconds
 is the most a second concurrent job could gain if the tail fully overlapped the next job's
-GPU work (at most 2: two jobs at a time can at best double the rate).
+GPU work (at most 2: two jobs at a time can at best double the rate). ``concurrency2`` then
+measures it: twice as many jobs from two threads at once, as ``WORKER_CONCURRENCY=2`` runs them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .context import Context
-from .harness import r
+from .harness import now, r
 from .jobs import StepClock, median, median_runs, run_job
 
 
@@ -36,6 +39,9 @@ def throughput(ctx: Context) -> dict[str, Any]:
         row = median_runs(worker, make, jobs, observe=lambda run, clock, out=splits: out.append(_split(run, clock)))
         row["warm_up_job"] = {k: warm.get(k) for k in ("status", "error", "total_s")}
         row.update(_rates(row, splits))
+        row["concurrency2"] = _concurrent(worker, make, 2 * jobs)
+        if row["concurrency2"]["seconds_per_job"] and row.get("seconds_per_job"):
+            row["concurrency2_gain"] = r(row["seconds_per_job"] / row["concurrency2"]["seconds_per_job"], 3)
         res[kind] = row
     res["shape"] = {"frames": ctx.frames, "height": ctx.height, "width": ctx.width, "fast_steps": ctx.steps}
     return res
@@ -73,4 +79,28 @@ def _rates(row: dict[str, Any], splits: list[dict[str, Any]]) -> dict[str, Any]:
         "observer_stages_s": {name: median([s["stages"].get(name, 0.0) for s in splits]) for name in stages},
         "gpu_share": r(gpu / per_job, 3) if per_job and gpu else None,
         "concurrency2_upper_bound": r(min(2.0, per_job / gpu), 3) if per_job and gpu else None,
+    }
+
+
+def _concurrent(worker, make: Callable[[str], dict], jobs: int) -> dict[str, Any]:
+    """``jobs`` jobs from two threads at once: seconds per job from the first start to the last
+    finish, and each job's wait for the GPU (``timings.waiting_for_gpu``)."""
+
+    def one(i: int) -> dict[str, Any]:
+        return worker.handle({"id": f"concurrent-{i}", "input": make(f"c{i}")}, send=lambda _: None)
+
+    started = now()
+    with ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(one, range(jobs)))
+    wall = now() - started
+    done = [o for o in outputs if o.get("status") == "completed"]
+    waits = [((o.get("metadata") or {}).get("timings") or {}).get("waiting_for_gpu", 0.0) for o in done]
+    return {
+        "jobs": jobs,
+        "completed": len(done),
+        "errors": [o.get("error") for o in outputs if o.get("status") != "completed"][:3],
+        "wall_s": r(wall),
+        "seconds_per_job": r(wall / jobs) if jobs else None,
+        "jobs_per_gpu_hour": r(3600 * jobs / wall, 1) if wall else None,
+        "waiting_for_gpu_s": [r(w) for w in waits],
     }

@@ -183,9 +183,14 @@ def test_tiny_bench_turbo_and_throughput_sections(tiny_models, tmp_path):
         assert set(row["cpu_tail_parts_s"]) == {"encoding", "uploading", "report"}
         assert row["cpu_tail_parts_s"]["encoding"] == row["stages_s"]["encoding"] > 0
         assert {"generating", "encoding", "uploading"} <= set(row["observer_stages_s"])
+        both = row["concurrency2"]  # two jobs from two threads, as WORKER_CONCURRENCY=2 runs them
+        assert both["completed"] == both["jobs"] == 2 and not both["errors"], both
+        assert sum(wait > 0 for wait in both["waiting_for_gpu_s"]) == 1  # the GPU stages took turns
+        assert row["concurrency2_gain"] == round(seconds / both["seconds_per_job"], 3)
     assert throughput["video_turbo"]["steps"] == 3 and throughput["video_fast"]["steps"] == 2
     assert summary["11_throughput_video_fast_s_per_job"] == throughput["video_fast"]["seconds_per_job"]
     assert (
         summary["11_throughput_video_turbo_concurrency2_upper_bound"]
         == (throughput["video_turbo"]["concurrency2_upper_bound"])
     )
+    assert summary["11_throughput_video_turbo_concurrency2_gain"] == throughput["video_turbo"]["concurrency2_gain"]

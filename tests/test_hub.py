@@ -148,8 +148,8 @@ def test_reference_hub_test_runs_on_the_tiny_profile(tiny_models):
     assert meta["reference_mode_applied"] == test["input"]["reference_mode"] and meta["pipeline"] == "vace"
 
 
-def test_concurrency_modifier_defaults_to_one_and_is_capped_at_one(monkeypatch):
-    """runpod 1.12 runs a synchronous handler's jobs one after another: more than 1 only queues."""
+def test_concurrency_modifier_defaults_to_one_and_is_capped_at_two(monkeypatch):
+    """Two jobs overlap one's CPU tail with the other's GPU stages; a third would only wait."""
     from wan_worker.contract import settings as settings_module
     from wan_worker.serving.worker import concurrency_modifier
 
@@ -157,9 +157,12 @@ def test_concurrency_modifier_defaults_to_one_and_is_capped_at_one(monkeypatch):
     settings_module.get_settings.cache_clear()
     try:
         assert concurrency_modifier(0) == 1 and concurrency_modifier(5) == 1
+        monkeypatch.setenv("WORKER_CONCURRENCY", "2")
+        settings_module.get_settings.cache_clear()
+        assert concurrency_modifier(1) == 2
         monkeypatch.setenv("WORKER_CONCURRENCY", "3")
         settings_module.get_settings.cache_clear()
-        assert concurrency_modifier(1) == 1
+        assert concurrency_modifier(1) == 2
         monkeypatch.setenv("WORKER_CONCURRENCY", "0")
         settings_module.get_settings.cache_clear()
         with pytest.raises(Exception, match="worker_concurrency"):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ class ActionContext:
     readiness: Readiness
     started_at: float
     jobs_done: int
+    gpu: threading.Lock  # the enhance action runs Qwen on the GPU, taking turns with jobs
 
 
 def run(ctx: ActionContext, inp: JobInput) -> dict[str, Any]:
@@ -88,7 +90,8 @@ def debug_env(ctx: ActionContext, inp: JobInput) -> dict[str, Any]:
 def enhance(ctx: ActionContext, inp: JobInput) -> dict[str, Any]:
     job_type = inp.job_type
     quality = inp.quality or "fast"
-    result = ctx.enhancer.enhance(inp.prompt or "", job_type, quality)
+    with ctx.gpu:
+        result = ctx.enhancer.enhance(inp.prompt or "", job_type, quality)
     response = {
         "success": result.enhancement_applied,
         "enhanced_prompt": result.enhanced_prompt,

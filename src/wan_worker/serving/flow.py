@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class Runtime:
     storage: Storage
     readiness: Readiness
     costs: CostModel
+    #: Held by a job's GPU stages (plan to generate), so that with ``WORKER_CONCURRENCY=2`` one
+    #: job encodes, uploads and calls back while the other uses the GPU.
+    gpu: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -117,6 +121,18 @@ def start(rt: Runtime, job: Job, runpod_id: str, progress: Progress, started: fl
     if job.ignored_fields:
         run.warnings.append("ignored fields: " + ", ".join(job.ignored_fields))
     return run
+
+
+@contextlib.contextmanager
+def on_gpu(rt: Runtime, run: JobRun) -> Iterator[None]:
+    """Hold the GPU for a job's GPU stages; time spent waiting for another job's is reported
+    as ``waiting_for_gpu`` (and counts against the job's deadline, like any stage)."""
+    t = time.perf_counter()
+    with rt.gpu:
+        waited = time.perf_counter() - t
+        if waited > 0.01:
+            run.timings["waiting_for_gpu"] = waited
+        yield
 
 
 # -- 3. references -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ output becomes a dict only when ``handle`` returns it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -129,7 +130,14 @@ class Worker:
     def action_context(self) -> ActionContext:
         rt = self.runtime
         return ActionContext(
-            rt.settings, rt.manager, rt.enhancer, rt.generator.loras, rt.readiness, self.started_at, self.jobs_done
+            rt.settings,
+            rt.manager,
+            rt.enhancer,
+            rt.generator.loras,
+            rt.readiness,
+            self.started_at,
+            self.jobs_done,
+            rt.gpu,
         )
 
     # -- the generation path ------------------------------------------------------------------
@@ -139,22 +147,24 @@ class Worker:
         # 1. validate (done by ``build_job``): the job in flight, with its deadline
         run = flow.start(rt, job, runpod_id, progress, started)
         if self.long_video.applies(job):
-            return self.long_video.generate(run)
-        # 2. plan: LoRAs (a sidecar may set steps/guidance/shift)
-        t = time.perf_counter()
-        loras_applied = rt.generator.loras.prepare(job)
-        if job.loras:
-            run.timings["lora_loading"] = time.perf_counter() - t
-        # 3. references, and the pipeline they select
-        refs = flow.fetch_references(rt, run)
-        cond = build_conditioning(job, refs.mode, refs.images)
-        pipeline = model_pipeline(job, cond)
-        flow.load(rt, run, [pipeline])
-        # 4. enhance
-        prompts = flow.enhance(rt, run, [job.prompt])
+            with flow.on_gpu(rt, run):
+                return self.long_video.generate(run)
         with flow.work_dir(self.settings, job) as out_dir:
-            # 5. generate (a video is encoded into out_dir while it is decoded)
-            generation = flow.generate(rt, run, prompts.used[0], cond, refs, out_dir)
+            with flow.on_gpu(rt, run):  # steps 2-5; another job's 6-8 run meanwhile
+                # 2. plan: LoRAs (a sidecar may set steps/guidance/shift)
+                t = time.perf_counter()
+                loras_applied = rt.generator.loras.prepare(job)
+                if job.loras:
+                    run.timings["lora_loading"] = time.perf_counter() - t
+                # 3. references, and the pipeline they select
+                refs = flow.fetch_references(rt, run)
+                cond = build_conditioning(job, refs.mode, refs.images)
+                pipeline = model_pipeline(job, cond)
+                flow.load(rt, run, [pipeline])
+                # 4. enhance
+                prompts = flow.enhance(rt, run, [job.prompt])
+                # 5. generate (a video is encoded into out_dir while it is decoded)
+                generation = flow.generate(rt, run, prompts.used[0], cond, refs, out_dir)
             # 6. encode
             media = flow.encode_media(rt, run, generation, out_dir)
             # 7. store
@@ -264,14 +274,17 @@ def get_worker() -> Worker:
     return _worker
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """The RunPod serverless handler."""
-    return get_worker().handle(job)
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunPod serverless handler. The job runs in a thread, so with ``WORKER_CONCURRENCY=2``
+    the SDK can start a second job while the first encodes, uploads and calls back; the GPU
+    stages take turns behind the runtime's lock (``flow.on_gpu``)."""
+    worker = get_worker()
+    return await asyncio.to_thread(worker.handle, job)
 
 
-#: runpod 1.12 runs a synchronous handler's jobs one after another even when it takes several
-#: at once, so a second concurrent job would only wait (and its queue time would be hidden).
-MAX_CONCURRENCY = 1
+#: Two jobs at once overlap one job's CPU tail (encode, upload, callback) with the other's GPU
+#: stages; a third would only wait for the GPU.
+MAX_CONCURRENCY = 2
 
 
 def concurrency_modifier(current: int) -> int:
@@ -287,8 +300,8 @@ def serverless_config() -> dict[str, Any]:
     worker = get_worker()
     if worker.settings.worker_concurrency > MAX_CONCURRENCY:
         log.warning(
-            f"WORKER_CONCURRENCY={worker.settings.worker_concurrency} capped at {MAX_CONCURRENCY}: the RunPod SDK "
-            "runs this synchronous handler's jobs one after another"
+            f"WORKER_CONCURRENCY={worker.settings.worker_concurrency} capped at {MAX_CONCURRENCY}: one job uses "
+            "the GPU while the other encodes and uploads; a third would only wait"
         )
     if worker.settings.warmup_on_start:
         started = time.perf_counter()

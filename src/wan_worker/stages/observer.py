@@ -22,7 +22,7 @@ class JobObserver:
         """Denoising step ``step`` of ``total`` finished (1-based)."""
 
     def frames_decoded(self, frames: np.ndarray) -> None:
-        """A single-pass job's decoded frames, (F, H, W, 3) float in [0, 1], before media encoding."""
+        """A single-pass job's decoded frames, (F, H, W, 3) uint8, before the encode stage finishes them."""
 
 
 NO_OBSERVER = JobObserver()
