@@ -253,14 +253,14 @@ def test_local_test_input_posts_no_progress(tiny_models, s3):
 # 4. Concurrency
 
 
-def test_worker_concurrency_above_one_is_capped_with_a_warning(tiny_models, monkeypatch, captured_logs):
+def test_worker_concurrency_above_two_is_capped_with_a_warning(tiny_models, monkeypatch, captured_logs):
     from wan_worker.contract import settings as settings_module
     from wan_worker.serving import worker as worker_module
 
     monkeypatch.setenv("WORKER_CONCURRENCY", "4")
     settings_module.get_settings.cache_clear()
     try:
-        assert worker_module.concurrency_modifier(1) == 1
+        assert worker_module.concurrency_modifier(1) == 2
         worker = tiny_worker(tiny_models, worker_concurrency=4, warmup_on_start=False)
         monkeypatch.setattr(worker_module, "_worker", worker)
         started = time.monotonic()
@@ -268,7 +268,7 @@ def test_worker_concurrency_above_one_is_capped_with_a_warning(tiny_models, monk
         assert time.monotonic() - started < 30
     finally:
         settings_module.get_settings.cache_clear()
-    assert any("WORKER_CONCURRENCY=4 capped at 1" in r["msg"] for r in captured_logs.records())
+    assert any("WORKER_CONCURRENCY=4 capped at 2" in r["msg"] for r in captured_logs.records())
 
 
 def test_image_reference_fallback_says_text_to_image(tiny_models):
