@@ -1,6 +1,6 @@
 """Worker-side hardening: a worker that can't serve stays up and says why; WORK_DIR is checked
 before generation; a failed upload removes what it stored; a reused ``id`` never overwrites
-another RunPod job's files; concurrency is capped at 1; secrets in the SDK's prints are masked;
+another RunPod job's files; concurrency is capped at 2; secrets in the SDK's prints are masked;
 local runs post no progress."""
 
 from __future__ import annotations
