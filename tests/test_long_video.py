@@ -43,7 +43,9 @@ RED, BLUE = (220, 30, 30), (30, 30, 220)
 
 @pytest.fixture(scope="module")
 def worker(tiny_models):
-    return tiny_worker(tiny_models, **LONG)
+    # The up-front estimate learns step costs from this module's earlier jobs; on a busy CI
+    # machine those can make a 25-step continuation look longer than the default 900 s.
+    return tiny_worker(tiny_models, job_timeout_s=3600, **LONG)
 
 
 @pytest.fixture
