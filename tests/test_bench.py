@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -31,33 +32,24 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and x > 0 and math.isfinite(x)
 
 
-def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
+def run_tiny_bench(tiny_models, tmp_path, *args: str) -> dict:
+    """``python -m benchmarks --tiny`` on CPU, inline outputs; its JSON result."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--tiny",
-            "--s3",
-            "none",
-            "--out",
-            str(out),
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--tiny-models-dir",
-            str(tiny_models),
-            "--x264-presets",
-            "fast",
-        ],
+        [sys.executable, "-m", "benchmarks", "--tiny", "--s3", "none", "--out", str(out)]
+        + ["--work-dir", str(tmp_path / "work"), "--tiny-models-dir", str(tiny_models), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
+    result = run_tiny_bench(tiny_models, tmp_path, "--x264-presets", "fast")
     assert result["mode"] == "tiny"
     assert result["versions"]["torch"] and result["versions"]["diffusers"]
     sections = result["sections"]
@@ -125,34 +117,7 @@ def test_tiny_bench_turbo_and_throughput_sections(tiny_models, tmp_path):
     """The turbo and throughput sections (skipped by a plain ``--tiny``): distilled video and
     image jobs end to end through ``Worker.handle``, their stage times, and the ``video_fast`` run
     it compares with; then back-to-back jobs of each video kind on the same warm worker."""
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--tiny",
-            "--s3",
-            "none",
-            "--sections",
-            "turbo,throughput",
-            "--throughput-jobs",
-            "1",
-            "--out",
-            str(out),
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--tiny-models-dir",
-            str(tiny_models),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_tiny_bench(tiny_models, tmp_path, "--sections", "turbo,throughput", "--throughput-jobs", "1")
     assert list(result["sections"]) == ["turbo", "throughput"]
     turbo = result["sections"]["turbo"]
     assert "error" not in turbo, turbo.get("traceback")

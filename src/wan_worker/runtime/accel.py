@@ -490,36 +490,20 @@ def transformer_dummy_inputs(
     transformer: torch.nn.Module, height: int, width: int, frames: int, device, text_len: int = 512
 ) -> dict:
     cfg = transformer.config
-    latent_frames = (frames - 1) // 4 + 1
     gen = torch.Generator(device=device).manual_seed(0)
+
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)
+
+    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
     inputs = {
-        "hidden_states": torch.randn(
-            1,
-            cfg.in_channels,
-            latent_frames,
-            height // 8,
-            width // 8,
-            generator=gen,
-            device=device,
-            dtype=torch.bfloat16,
-        ),
+        "hidden_states": noise(1, cfg.in_channels, *latent),
         "timestep": torch.tensor([500.0], device=device),
-        "encoder_hidden_states": torch.randn(
-            1, text_len, cfg.text_dim, generator=gen, device=device, dtype=torch.bfloat16
-        ),
+        "encoder_hidden_states": noise(1, text_len, cfg.text_dim),
         "return_dict": False,
     }
     if hasattr(cfg, "vace_in_channels") and getattr(cfg, "vace_layers", None):
-        inputs["control_hidden_states"] = torch.randn(
-            1,
-            cfg.vace_in_channels,
-            latent_frames,
-            height // 8,
-            width // 8,
-            generator=gen,
-            device=device,
-            dtype=torch.bfloat16,
-        )
+        inputs["control_hidden_states"] = noise(1, cfg.vace_in_channels, *latent)
         inputs["control_hidden_states_scale"] = torch.ones(len(cfg.vace_layers), device=device)
     return inputs
 
