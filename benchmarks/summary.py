@@ -40,7 +40,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "residency_peak_gib": res.get("overall_peak_gib"),
     }
     cold = s.get("cold_start", {})
-    for key in ("restart_with_compile_cache", "restart_with_artifacts_only"):
+    for key in ("restart_with_caches", "restart_without_startup_files", "restart_with_artifacts_only"):
         if isinstance(cold.get(key), dict):
             out[f"6_cold_start_{key}_ready_s"] = cold[key].get("ready_s")
     fp8 = s.get("fp8", {})

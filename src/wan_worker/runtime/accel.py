@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from wan_worker.contract.settings import Settings
+from wan_worker.infra.pagecache import ReadStats
 from wan_worker.runtime import patches
 from wan_worker.runtime.patches import enable_fa3
 
@@ -147,6 +148,10 @@ class AccelReport:
     compile_artifacts: dict[str, Any] | None = None
     warmups: list[dict[str, Any]] = field(default_factory=list)
     qwen: QwenAccel | None = None
+    #: UMT5's checkpoint read into the page cache during the warm-up compile (``ModelManager.warm_up``)
+    text_encoder_read_ahead: ReadStats | None = None
+    #: the start's library files, recorded after the warm-up for the next start (``pagecache``)
+    startup_files: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = _set(fa3_available=self.fa3_available, attention_timings=self.attention_timings)
@@ -167,6 +172,10 @@ class AccelReport:
             out["warmups"] = list(self.warmups)
         if self.qwen is not None:
             out["qwen"] = self.qwen.as_dict()
+        if self.text_encoder_read_ahead is not None:
+            out["text_encoder_read_ahead"] = self.text_encoder_read_ahead.as_dict()
+        if self.startup_files is not None:
+            out["startup_files"] = self.startup_files
         return out
 
 

@@ -27,6 +27,7 @@ import torch
 
 from wan_worker.contract.errors import ModelUnavailable
 from wan_worker.contract.settings import Settings
+from wan_worker.infra import pagecache
 from wan_worker.runtime.accel import AccelReport
 from wan_worker.runtime.locate import DOWNLOAD_HINT, ModelLocator
 
@@ -161,7 +162,7 @@ class ModelManager:
 
     @property
     def wan_loaded(self) -> bool:
-        return "t2v" in self._pipes
+        return "t2v" in self._pipes  # the denoiser and UMT5
 
     @property
     def qwen_loaded(self) -> bool:
@@ -172,29 +173,34 @@ class ModelManager:
         return getattr(torch, self.settings.vae_dtype)
 
     def encoder_pipe(self):
-        """The full ``WanPipeline`` as loaded; used for ``encode_prompt`` only."""
+        """The full ``WanPipeline`` (the denoiser's modules plus UMT5); used for ``encode_prompt``."""
         with self._lock:
             if "t2v" not in self._pipes:
-                self._load_t2v()
+                self._load_text_encoder()
             return self._pipes["t2v"]
 
-    def _load_t2v(self) -> None:
+    def _t2v_path(self) -> Path:
+        return self.locator.resolve(self.settings.t2v_model_id)
+
+    def _load_errors(self, path: Path):
+        hint = f". Re-download with: {DOWNLOAD_HINT.format(models_dir=self.settings.models_dir)}"
+        return load_errors(self.settings.t2v_model_id, path, hint=hint, refresh_worker=True)
+
+    def _load_denoiser(self):
+        """The T2V checkpoint without its text encoder: transformer, VAE, scheduler, tokenizer.
+        UMT5 (three quarters of the bytes) loads separately, so a warm-up can compile the
+        transformer while UMT5's checkpoint is still being read (``warm_up``)."""
         from diffusers import WanPipeline
 
-        path = self.locator.resolve(self.settings.t2v_model_id)
+        path = self._t2v_path()
         started = time.perf_counter()
-        hint = f". Re-download with: {DOWNLOAD_HINT.format(models_dir=self.settings.models_dir)}"
-        with load_errors(self.settings.t2v_model_id, path, hint=hint, refresh_worker=True):
+        with self._load_errors(path):
             pipe = WanPipeline.from_pretrained(
                 path,
+                text_encoder=None,
                 local_files_only=True,
-                **self._load_placement(path),
-                dtype={
-                    "transformer": torch.bfloat16,
-                    "text_encoder": torch.bfloat16,
-                    "vae": self.vae_dtype,
-                    "default": torch.bfloat16,
-                },
+                **self._load_placement(path / "transformer", path / "vae"),
+                dtype={"transformer": torch.bfloat16, "vae": self.vae_dtype, "default": torch.bfloat16},
             )
         pipe.set_progress_bar_config(disable=True)
         from wan_worker.runtime.accel import optimize_transformer, optimize_vae
@@ -203,25 +209,51 @@ class ModelManager:
         prepare_transformer(pipe.transformer, self.settings)  # LoRA slots go in before compile
         self.accel.transformers.append(optimize_transformer(pipe.transformer, self.settings, self.accel))
         self.accel.vae = optimize_vae(pipe.vae, self.settings, self.accel.compile_errors)
-        self._register("text_encoder", pipe.text_encoder)
         self._register("transformer", pipe.transformer)
         self._register("vae", pipe.vae)
-        self._pipes["t2v"] = pipe
+        self._pipes["t2v_denoise"] = pipe
         self.load_seconds["wan"] = time.perf_counter() - started
-        log.info("loaded WAN text-to-video", extra={"seconds": round(self.load_seconds["wan"], 2), "path": str(path)})
+        log.info(
+            "loaded WAN transformer and VAE", extra={"seconds": round(self.load_seconds["wan"], 2), "path": str(path)}
+        )
+        return pipe
+
+    def _load_text_encoder(self) -> None:
+        from diffusers import WanPipeline
+        from transformers import UMT5EncoderModel
+
+        base = self._denoise_pipe("t2v_denoise")
+        path = self._t2v_path()
+        started = time.perf_counter()
+        with self._load_errors(path):
+            text_encoder = UMT5EncoderModel.from_pretrained(
+                path,
+                subfolder="text_encoder",
+                local_files_only=True,
+                dtype=torch.bfloat16,
+                **self._load_placement(path / "text_encoder"),
+            )
+        self._register("text_encoder", text_encoder)
+        pipe = WanPipeline(
+            text_encoder=text_encoder, **{k: v for k, v in base.components.items() if k != "text_encoder"}
+        )
+        pipe.set_progress_bar_config(disable=True)
+        self._pipes["t2v"] = pipe
+        self.load_seconds["text_encoder"] = time.perf_counter() - started
+        log.info("loaded UMT5", extra={"seconds": round(self.load_seconds["text_encoder"], 2), "path": str(path)})
 
     def _denoise_pipe(self, name: str):
-        """A pipeline view with no text encoder, sharing the resident modules."""
+        """A pipeline with no text encoder, sharing the resident modules."""
         from diffusers import WanPipeline, WanVACEPipeline, WanVideoToVideoPipeline
 
         with self._lock:
             if name in self._pipes:
                 return self._pipes[name]
-            base = self.encoder_pipe()
-            common = dict(tokenizer=base.tokenizer, text_encoder=None, vae=base.vae, scheduler=base.scheduler)
             if name == "t2v_denoise":
-                pipe = WanPipeline(transformer=base.transformer, **common)
-            elif name == "i2i":
+                return self._load_denoiser()
+            base = self._denoise_pipe("t2v_denoise")
+            common = dict(tokenizer=base.tokenizer, text_encoder=None, vae=base.vae, scheduler=base.scheduler)
+            if name == "i2i":
                 pipe = WanVideoToVideoPipeline(transformer=base.transformer, **common)
             elif name == "vace":
                 pipe = WanVACEPipeline(transformer=self._load_vace_transformer(), **common)
@@ -303,7 +335,13 @@ class ModelManager:
         """Load WAN (and Qwen with WARMUP_QWEN, the turbo transformer with DEFAULT_QUALITY=turbo)
         and compile for the default video shape now, so the first job doesn't pay for it
         (WARMUP_ON_START). A missing turbo checkpoint is logged, not fatal: the other qualities
-        still serve."""
+        still serve.
+
+        The start is disk-bound, so the order matters: the transformer and VAE load first and
+        compile while UMT5's checkpoint is read into the page cache by background threads;
+        UMT5 then loads from memory. (Loading UMT5 itself in a thread is not safe:
+        ``from_pretrained`` initialises on the meta device through process-wide patches.)
+        """
         from wan_worker.runtime.accel import load_compile_artifacts, save_compile_artifacts, warm_transformer, warm_vae
 
         compiles = self.device.type == "cuda" and (self.settings.compile_transformer or self.settings.compile_vae)
@@ -316,6 +354,9 @@ class ModelManager:
                 transformers.append(("turbo_transformer", self.pipeline("turbo").transformer))
             except ModelUnavailable as exc:
                 log.warning("turbo transformer not loaded at warm-up", extra={"reason": exc.message})
+        if compiles and not self.wan_loaded:
+            encoder_files = sorted((self._t2v_path() / "text_encoder").glob("*.safetensors"))
+            self.accel.text_encoder_read_ahead = pagecache.Reader(pagecache.whole_files(encoder_files)).stats
         if self.settings.compile_transformer and self.device.type == "cuda":
             from wan_worker.runtime.loras import slots_active
 
@@ -328,14 +369,19 @@ class ModelManager:
         if self.settings.compile_vae and self.device.type == "cuda":
             self.acquire(["vae"], working_bytes=estimate_working_bytes(width, height, 5))
             self.accel.warmups.append(warm_vae(pipe.vae, height, width))
+        self.encoder_pipe()
         if self.settings.warmup_qwen:
             self.qwen()
         if compiles:
             # everything compiled so far, Qwen's decode included
             self.accel.compile_artifacts = save_compile_artifacts(self.settings, self.accel.compile_artifacts)
+        self.accel.startup_files = pagecache.record_startup_files(self.settings.compile_cache_dir)
+        if pagecache.startup_reader is not None:
+            self.accel.startup_files["prefetched_at_start"] = pagecache.startup_reader.stats.as_dict()
 
     def ready(self, name: str) -> bool:
-        return ("t2v_denoise" if name == "t2v" else name) in self._pipes
+        """Whether a job of this pipeline would load nothing (every job encodes its prompt)."""
+        return self.wan_loaded and ("t2v_denoise" if name == "t2v" else name) in self._pipes
 
     def qwen(self) -> tuple[Any, Any]:
         """(model, tokenizer) of the prompt enhancer, loaded on first use."""
@@ -361,13 +407,13 @@ class ModelManager:
                 self.load_seconds["qwen"] = time.perf_counter() - started
             return self._qwen
 
-    def _load_placement(self, path: Path) -> dict[str, Any]:
+    def _load_placement(self, *paths: Path) -> dict[str, Any]:
         """``from_pretrained`` kwargs that load straight onto the GPU, after making room for the
         checkpoint under the budget. Loading to CPU memory first and then moving costs a second
         full copy through pageable memory (about 10 s for Qwen2.5-7B on an H100 host)."""
         if self.device.type != "cuda":
             return {}
-        checkpoint = sum(f.stat().st_size for f in Path(path).rglob("*.safetensors"))
+        checkpoint = sum(f.stat().st_size for path in paths for f in Path(path).rglob("*.safetensors"))
         self.acquire([], working_bytes=checkpoint)
         return {"device_map": str(self.device)}
 

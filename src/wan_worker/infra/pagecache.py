@@ -1,0 +1,328 @@
+"""Reading files into the OS page cache ahead of the code that needs them.
+
+A worker starting on a cold page cache waits on its disk twice. First for the imports: about
+3,500 small library files read one after another, each a synchronous read that pays the disk's
+latency, so the imports take 2-3 times longer than the bytes need. Then for about 15 GB of
+checkpoints. Two readers fix what each can:
+
+- **The start's library files** (``record_startup_files`` / ``prefetch_startup_files``). After a
+  warm-up the worker records which library files the start used: each imported module's
+  bytecode and, for shared libraries, only the pages in the page cache (``mincore``). The next
+  start reads that list with many threads from its first line, so each import finds its files
+  already cached instead of waiting its turn on the disk.
+- **A checkpoint during a compile** (``Reader`` over ``whole_files``): the text encoder's
+  checkpoint is read while the transformer's warm-up compiles, so its ``from_pretrained``
+  afterwards copies from memory.
+
+Stdlib only: ``prefetch_startup_files`` runs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import importlib.util
+import json
+import logging
+import mmap
+import os
+import sys
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: One read; a file larger than this is split, so several threads share it in order.
+CHUNK = 8 << 20
+#: Resident page runs closer than this are read as one range (fewer, larger reads).
+MERGE_GAP = 256 << 10
+#: Files at most this size are read whole; larger ones only where they were resident.
+SMALL_FILE = 1 << 20
+MANIFEST_VERSION = 1
+
+#: (path, offset, length) of one read.
+Piece = tuple[str, int, int]
+
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    bytes_planned: int = 0
+    bytes_read: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    done: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        gbps = self.bytes_read / self.seconds / 1e9 if self.seconds else None
+        return {
+            "files": self.files,
+            "bytes_planned": self.bytes_planned,
+            "bytes_read": self.bytes_read,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 2),
+            "gb_per_s": round(gbps, 2) if gbps else None,
+            "done": self.done,
+        }
+
+
+class Reader:
+    """Reads pieces with a pool of daemon threads, taking them in the order given, so the
+    front of the list is cached first. Reads release the GIL: the caller goes on meanwhile.
+    An unreadable file is counted, never raised: the reader is only an optimisation."""
+
+    def __init__(self, pieces: list[Piece], threads: int = 8) -> None:
+        self.stats = ReadStats(files=len({p[0] for p in pieces}), bytes_planned=sum(p[2] for p in pieces))
+        self._pieces = iter(pieces)
+        self._lock = threading.Lock()
+        self._running = max(1, min(threads, len(pieces)))
+        self._finished = threading.Event()
+        self._started = time.perf_counter()
+        if not pieces:
+            self._finish()
+            return
+        for i in range(self._running):
+            threading.Thread(target=self._run, name=f"pagecache-{i}", daemon=True).start()
+
+    def _run(self) -> None:
+        buf = bytearray(CHUNK)
+        while True:
+            with self._lock:
+                piece = next(self._pieces, None)
+            if piece is None:
+                break
+            read, failed = _read(piece, buf)
+            with self._lock:
+                self.stats.bytes_read += read
+                self.stats.errors += failed
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.stats.seconds = time.perf_counter() - self._started
+        self.stats.done = True
+        self._finished.set()
+
+    def wait(self, timeout: float | None = None) -> ReadStats:
+        self._finished.wait(timeout)
+        return self.stats
+
+
+def _read(piece: Piece, buf: bytearray) -> tuple[int, int]:
+    path, offset, length = piece
+    done = 0
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0, 1
+    try:
+        view = memoryview(buf)
+        while done < length:
+            n = os.preadv(fd, [view[: min(length - done, len(buf))]], offset + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError:
+        return done, 1
+    finally:
+        os.close(fd)
+    return done, 0
+
+
+def whole_files(paths: list[Path]) -> list[Piece]:
+    """Each file in ``CHUNK`` pieces, front to back."""
+    pieces: list[Piece] = []
+    for path in paths:
+        size = path.stat().st_size
+        pieces.extend((str(path), off, min(CHUNK, size - off)) for off in range(0, size, CHUNK))
+    return pieces
+
+
+# -- the start's library files -----------------------------------------------------------------
+
+
+def manifest_path(folder: Path) -> Path:
+    """One list per Python environment: its location, interpreter and last install (the
+    site-packages directory's mtime), so a rebuilt image never reads another's list."""
+    purelib = sysconfig.get_paths()["purelib"]
+    try:
+        installed = os.stat(purelib).st_mtime_ns
+    except OSError:
+        installed = 0
+    key = hashlib.sha256(f"{sys.prefix}|{sys.version}|{purelib}|{installed}".encode()).hexdigest()[:16]
+    return Path(folder) / f"startup-files-{key}.json"
+
+
+#: The reader ``prefetch_startup_files`` started in this process, for health and the benchmark.
+startup_reader: Reader | None = None
+
+
+def prefetch_startup_files(folder: Path, threads: int = 16) -> Reader | None:
+    """Start reading the recorded library files of this environment, if a list was recorded.
+    Returns at once; the reads go on in the background while the caller imports."""
+    global startup_reader
+    path = manifest_path(folder)
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != MANIFEST_VERSION:
+            return None
+        pieces = _pieces_of(data["files"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("startup file list unreadable; starting without it", extra={"path": str(path), "reason": str(exc)})
+        return None
+    startup_reader = Reader(pieces, threads=threads)
+    return startup_reader
+
+
+def _pieces_of(files: list[list[Any]]) -> list[Piece]:
+    """A file whose size changed since it was recorded is skipped: its ranges would be stale."""
+    pieces: list[Piece] = []
+    for name, size, ranges in files:
+        try:
+            if os.stat(name).st_size != size:
+                continue
+        except OSError:
+            continue
+        for offset, length in ranges:
+            pieces.extend(
+                (name, off, min(CHUNK, offset + length - off)) for off in range(offset, offset + length, CHUNK)
+            )
+    return pieces
+
+
+def record_startup_files(folder: Path) -> dict[str, Any]:
+    """Write this process's library files (modules in import order, then the shared libraries
+    it mapped) with the ranges to read, unless this environment's list exists. Guarded: a
+    folder that can't be written is reported, not raised."""
+    path = manifest_path(folder)
+    info: dict[str, Any] = {"path": str(path)}
+    if path.is_file():
+        return info | {"recorded": False, "reason": "already recorded"}
+    started = time.perf_counter()
+    try:
+        files = [entry for name in _library_files() if (entry := _entry(name)) is not None]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}))
+        tmp.replace(path)  # atomic: a worker starting meanwhile reads the old list or the new one
+    except OSError as exc:
+        log.info("startup file list not recorded", extra={"path": str(path), "reason": str(exc)})
+        return info | {"recorded": False, "reason": f"{type(exc).__name__}: {exc}"}
+    return info | {
+        "recorded": True,
+        "files": len(files),
+        "bytes": sum(length for _, _, ranges in files for _, length in ranges),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _library_files() -> list[str]:
+    names: dict[str, None] = {}  # ordered set: import order first
+    for module in list(sys.modules.values()):
+        source = getattr(module, "__file__", None)
+        if not source:
+            continue
+        if source.endswith(".py"):
+            cached = importlib.util.cache_from_source(source)
+            source = cached if os.path.isfile(cached) else source
+        names[os.path.realpath(source)] = None
+    for mapped in _mapped_libraries():
+        names.setdefault(mapped, None)
+    return [n for n in names if os.path.isfile(n)]
+
+
+def _mapped_libraries() -> list[str]:
+    """Shared libraries this process mapped (torch's CUDA libraries are loaded, not imported)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    found: dict[str, None] = {}
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/") and ".so" in os.path.basename(parts[5]):
+            found[os.path.realpath(parts[5])] = None
+    return list(found)
+
+
+def _entry(name: str) -> list[Any] | None:
+    try:
+        size = os.stat(name).st_size
+    except OSError:
+        return None
+    if size <= SMALL_FILE:
+        return [name, size, [[0, size]]] if size else None
+    ranges = resident_ranges(name, size)
+    if ranges is None:
+        ranges = [(0, size)]
+    return [name, size, [list(r) for r in ranges]] if ranges else None
+
+
+_libc: Any = None
+
+
+def resident_ranges(name: str, size: int) -> list[tuple[int, int]] | None:
+    """The byte ranges of a file now in the page cache (``mincore`` on a mapping, which doesn't
+    fault pages in), nearby runs merged. ``None`` where ``mincore`` isn't available."""
+    global _libc
+    if _libc is None:
+        found = ctypes.util.find_library("c")
+        if not found or not sys.platform.startswith("linux"):
+            return None
+        _libc = ctypes.CDLL(found, use_errno=True)
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+            if _libc.mincore(addr, size, vec) != 0:
+                return None
+            resident = bytes(vec)
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return _merge(resident, page, size)
+
+
+def _merge(resident: bytes, page: int, size: int) -> list[tuple[int, int]]:
+    ranges: list[list[int]] = []
+    i, n = 0, len(resident)
+    while i < n:
+        if not resident[i] & 1:
+            i += 1
+            continue
+        j = i
+        while j < n and resident[j] & 1:
+            j += 1
+        start, end = i * page, min(j * page, size)
+        if ranges and start - ranges[-1][1] <= MERGE_GAP:
+            ranges[-1][1] = end
+        else:
+            ranges.append([start, end])
+        i = j
+    return [(s, e - s) for s, e in ranges]
