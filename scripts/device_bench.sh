@@ -14,8 +14,14 @@
 # Each payload is unpacked once into /tmp and reused while the machine stays warm.
 #
 # Run from the repository root: the harness is the top-level benchmarks/ package (python3 -m benchmarks).
-# usage: bash scripts/device_bench.sh [bench args...]   (writes $OUT/bench.json, $OUT/bench.log)
+# usage: bash scripts/device_bench.sh [--shipped-env PINS] [bench args...]   (writes $OUT/bench.json, $OUT/bench.log)
+#   --shipped-env PINS  run in a venv holding only the image's packages (PINS: scripts/check_image_deps.sh's
+#                       output), linked from this machine's Python and the payloads (scripts/shipped_env.py).
+#                       The machine's own Python has many more (scikit-learn, pandas, JAX, ...), and
+#                       transformers imports some when present: the cold start needs the image's set.
 set -u
+PINS=""
+if [ "${1:-}" = "--shipped-env" ]; then PINS=$2; shift 2; fi
 SITE=/tmp/bench-site BIN=/tmp/bench-bin
 mkdir -p "$SITE" "$BIN"
 for d in .dev/a .dev/b; do
@@ -38,5 +44,11 @@ OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 echo "site: $(ls "$SITE" | tr '\n' ' ' | head -c 300)"; echo "bin: $(ls "$BIN")"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv,noheader
 df -h /var/tmp | tail -1; nproc; free -g | head -2
+PY=python3
+if [ -n "$PINS" ]; then
+  python3 scripts/shipped_env.py "$PINS" /tmp/shipped-venv "$SITE" "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > "$OUT/shipped-env.json" || exit 1
+  PY=/tmp/shipped-venv/bin/python3 PYTHONPATH="$PWD:$PWD/src"
+  echo "shipped env: $(grep -c . "$PINS") pins, missing: $(python3 -c "import json; print(json.load(open('$OUT/shipped-env.json'))['missing'])")"
+fi
 set -o pipefail
-python3 -m benchmarks --models-dir /var/tmp/wanbench/models --work-dir /var/tmp/wanbench/work --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "Loading\|it/s\]" 
+"$PY" -m benchmarks --models-dir /var/tmp/wanbench/models --work-dir /var/tmp/wanbench/work --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "Loading\|it/s\]" 

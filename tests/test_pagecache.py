@@ -81,20 +81,31 @@ def recorded_name(source: str) -> str:
 
 
 def test_the_start_records_its_files_and_the_next_start_reads_them(tmp_path):
-    info = pagecache.record_startup_files(tmp_path)
+    weights = tmp_path / "model" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir()
+    write(weights, 3 * MiB)
+    folder = tmp_path / "cache"
+    info = pagecache.record_startup_files(folder, [weights])
     assert info["recorded"] and info["files"] > 50 and info["bytes"] > 0, info
-    data = json.loads(pagecache.manifest_path(tmp_path).read_text())
+    assert info["checkpoints"] == 1 and info["checkpoint_bytes"] == 3 * MiB
+    data = json.loads(pagecache.manifest_path(folder).read_text())
     names = [name for name, _, _ in data["files"]]
-    # modules as their bytecode where it was written, in import order: a package before its modules
+    # modules as their bytecode where it was written, in import order (a package before its
+    # modules); the checkpoints last, whole
     this, package = recorded_name(pagecache.__file__), recorded_name(sys.modules["wan_worker"].__file__)
     assert this in names and names.index(package) < names.index(this)
-    assert pagecache.record_startup_files(tmp_path)["reason"] == "already recorded"
+    assert data["files"][-1] == [str(weights), 3 * MiB, [[0, 3 * MiB]]]
+    # what an import only looks at: the package's directory (listed) and, with bytecode, its source (dated)
+    assert os.path.dirname(os.path.realpath(pagecache.__file__)) in data["touch"]
+    if this.endswith(".pyc"):
+        assert os.path.realpath(pagecache.__file__) in data["touch"]
+    assert pagecache.record_startup_files(folder)["reason"] == "already recorded"
 
-    reader = pagecache.prefetch_startup_files(tmp_path, threads=4)
-    assert reader is pagecache.startup_reader
+    reader = pagecache.prefetch_startup_files(folder, threads=4)
+    assert reader is pagecache.startup_reader and str(weights) in reader.paths
     stats = reader.wait(timeout=60)
-    assert stats.done and stats.errors == 0 and stats.files == info["files"]
-    assert stats.bytes_read == stats.bytes_planned == info["bytes"]
+    assert stats.done and stats.errors == 0 and stats.files == info["files"] + 1
+    assert stats.bytes_read == stats.bytes_planned == info["bytes"] + 3 * MiB
 
 
 def test_a_file_changed_since_it_was_recorded_is_skipped(tmp_path):
@@ -102,9 +113,15 @@ def test_a_file_changed_since_it_was_recorded_is_skipped(tmp_path):
     write(kept, 300)
     write(changed, 200)
     files = [[str(kept), 300, [[0, 300]]], [str(changed), 100, [[0, 100]]], [str(tmp_path / "gone"), 5, [[0, 5]]]]
-    pagecache.manifest_path(tmp_path).write_text(json.dumps({"version": pagecache.MANIFEST_VERSION, "files": files}))
+    manifest = {"version": pagecache.MANIFEST_VERSION, "touch": [str(tmp_path)], "files": files}
+    pagecache.manifest_path(tmp_path).write_text(json.dumps(manifest))
     stats = pagecache.prefetch_startup_files(tmp_path).wait(timeout=30)
     assert stats.files == 1 and stats.bytes_read == 300 and stats.errors == 0
+
+
+def test_a_list_of_another_format_is_ignored(tmp_path):
+    pagecache.manifest_path(tmp_path).write_text(json.dumps({"version": 1, "files": []}))
+    assert pagecache.prefetch_startup_files(tmp_path) is None
 
 
 def test_an_unreadable_list_starts_without_prefetch(tmp_path, caplog):

@@ -5,11 +5,13 @@ A worker starting on a cold page cache waits on its disk twice. First for the im
 latency, so the imports take 2-3 times longer than the bytes need. Then for about 15 GB of
 checkpoints. Two readers fix what each can:
 
-- **The start's library files** (``record_startup_files`` / ``prefetch_startup_files``). After a
-  warm-up the worker records which library files the start used: each imported module's
-  bytecode and, for shared libraries, only the pages in the page cache (``mincore``). The next
-  start reads that list with many threads from its first line, so each import finds its files
-  already cached instead of waiting its turn on the disk.
+- **The start's files** (``record_startup_files`` / ``prefetch_startup_files``). After a
+  warm-up the worker records what the start read: the directories its imports listed, each
+  imported module's bytecode (and the source file whose date the import checks), for shared
+  libraries only the pages in the page cache (``mincore``), and last the checkpoints it
+  loaded. The next start reads that list with many threads from its first line: each import
+  finds its files cached instead of waiting its turn on the disk, and the checkpoints are read
+  while the imports still run on the CPU.
 - **A checkpoint during a compile** (``Reader`` over ``whole_files``): the text encoder's
   checkpoint is read while the transformer's warm-up compiles, so its ``from_pretrained``
   afterwards copies from memory.
@@ -43,9 +45,9 @@ CHUNK = 8 << 20
 MERGE_GAP = 256 << 10
 #: Files at most this size are read whole; larger ones only where they were resident.
 SMALL_FILE = 1 << 20
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
-#: (path, offset, length) of one read.
+#: (path, offset, length) of one read; length 0: only the file's inode, or a directory's listing.
 Piece = tuple[str, int, int]
 
 
@@ -77,7 +79,8 @@ class Reader:
     An unreadable file is counted, never raised: the reader is only an optimisation."""
 
     def __init__(self, pieces: list[Piece], threads: int = 8) -> None:
-        self.stats = ReadStats(files=len({p[0] for p in pieces}), bytes_planned=sum(p[2] for p in pieces))
+        self.paths = {p[0] for p in pieces if p[2]}
+        self.stats = ReadStats(files=len(self.paths), bytes_planned=sum(p[2] for p in pieces))
         self._pieces = iter(pieces)
         self._lock = threading.Lock()
         self._running = max(1, min(threads, len(pieces)))
@@ -119,6 +122,12 @@ class Reader:
 def _read(piece: Piece, buf: bytearray) -> tuple[int, int]:
     path, offset, length = piece
     done = 0
+    if not length:
+        try:
+            os.listdir(path) if os.path.isdir(path) else os.stat(path)
+        except OSError:
+            return 0, 1
+        return 0, 0
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -166,7 +175,7 @@ startup_reader: Reader | None = None
 
 
 def prefetch_startup_files(folder: Path, threads: int = 16) -> Reader | None:
-    """Start reading the recorded library files of this environment, if a list was recorded.
+    """Start reading the recorded files of this environment's start, if a list was recorded.
     Returns at once; the reads go on in the background while the caller imports."""
     global startup_reader
     path = manifest_path(folder)
@@ -174,7 +183,7 @@ def prefetch_startup_files(folder: Path, threads: int = 16) -> Reader | None:
         data = json.loads(path.read_text())
         if data.get("version") != MANIFEST_VERSION:
             return None
-        pieces = _pieces_of(data["files"])
+        pieces = [(name, 0, 0) for name in data["touch"]] + _pieces_of(data["files"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -200,20 +209,23 @@ def _pieces_of(files: list[list[Any]]) -> list[Piece]:
     return pieces
 
 
-def record_startup_files(folder: Path) -> dict[str, Any]:
-    """Write this process's library files (modules in import order, then the shared libraries
-    it mapped) with the ranges to read, unless this environment's list exists. Guarded: a
-    folder that can't be written is reported, not raised."""
+def record_startup_files(folder: Path, checkpoints: list[Path] = ()) -> dict[str, Any]:
+    """Write what this process's start read, unless this environment's list exists: the
+    directories and sources its imports checked, then its modules in import order, the shared
+    libraries it mapped, and last ``checkpoints`` (the weights it loaded, read whole). Guarded:
+    a folder that can't be written is reported, not raised."""
     path = manifest_path(folder)
     info: dict[str, Any] = {"path": str(path)}
     if path.is_file():
         return info | {"recorded": False, "reason": "already recorded"}
     started = time.perf_counter()
     try:
-        files = [entry for name in _library_files() if (entry := _entry(name)) is not None]
+        touch, libraries = _library_files()
+        files = [entry for name in libraries if (entry := _entry(name)) is not None]
+        weights = [[str(p), size, [[0, size]]] for p in checkpoints if (size := p.stat().st_size)]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}))
+        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "touch": touch, "files": files + weights}))
         tmp.replace(path)  # atomic: a worker starting meanwhile reads the old list or the new one
     except OSError as exc:
         log.info("startup file list not recorded", extra={"path": str(path), "reason": str(exc)})
@@ -222,23 +234,31 @@ def record_startup_files(folder: Path) -> dict[str, Any]:
         "recorded": True,
         "files": len(files),
         "bytes": sum(length for _, _, ranges in files for _, length in ranges),
+        "checkpoints": len(weights),
+        "checkpoint_bytes": sum(size for _, size, _ in weights),
+        "touched": len(touch),
         "seconds": round(time.perf_counter() - started, 2),
     }
 
 
-def _library_files() -> list[str]:
-    names: dict[str, None] = {}  # ordered set: import order first
+def _library_files() -> tuple[list[str], list[str]]:
+    """(directories and sources an import only looks at, files it reads), in import order."""
+    touch: dict[str, None] = {}  # ordered sets
+    names: dict[str, None] = {}
     for module in list(sys.modules.values()):
         source = getattr(module, "__file__", None)
         if not source:
             continue
+        touch[os.path.dirname(os.path.realpath(source))] = None  # the import finder lists it
         if source.endswith(".py"):
             cached = importlib.util.cache_from_source(source)
-            source = cached if os.path.isfile(cached) else source
+            if os.path.isfile(cached):
+                touch[os.path.realpath(source)] = None  # its date validates the bytecode
+                source = cached
         names[os.path.realpath(source)] = None
     for mapped in _mapped_libraries():
         names.setdefault(mapped, None)
-    return [n for n in names if os.path.isfile(n)]
+    return [t for t in touch if os.path.exists(t)], [n for n in names if os.path.isfile(n)]
 
 
 def _mapped_libraries() -> list[str]:

@@ -149,6 +149,7 @@ class ModelManager:
         self._modules: dict[str, Resident] = {}
         self._accounted: dict[str, int] = {}  # device bytes held outside modules (the LoRA cache)
         self._pipes: dict[str, Any] = {}
+        self._checkpoints: list[Path] = []  # weight files loaded, in order (the next start reads them ahead)
         self._qwen: tuple[Any, Any] | None = None
         self._lock = threading.RLock()
         if self.settings.gpu_memory_budget_gb is not None:
@@ -355,8 +356,10 @@ class ModelManager:
             except ModelUnavailable as exc:
                 log.warning("turbo transformer not loaded at warm-up", extra={"reason": exc.message})
         if compiles and not self.wan_loaded:
+            prefetching = pagecache.startup_reader.paths if pagecache.startup_reader else set()
             encoder_files = sorted((self._t2v_path() / "text_encoder").glob("*.safetensors"))
-            self.accel.text_encoder_read_ahead = pagecache.Reader(pagecache.whole_files(encoder_files)).stats
+            unread = [f for f in encoder_files if str(f) not in prefetching]
+            self.accel.text_encoder_read_ahead = pagecache.Reader(pagecache.whole_files(unread)).stats
         if self.settings.compile_transformer and self.device.type == "cuda":
             from wan_worker.runtime.loras import slots_active
 
@@ -375,7 +378,7 @@ class ModelManager:
         if compiles:
             # everything compiled so far, Qwen's decode included
             self.accel.compile_artifacts = save_compile_artifacts(self.settings, self.accel.compile_artifacts)
-        self.accel.startup_files = pagecache.record_startup_files(self.settings.compile_cache_dir)
+        self.accel.startup_files = pagecache.record_startup_files(self.settings.compile_cache_dir, self._checkpoints)
         if pagecache.startup_reader is not None:
             self.accel.startup_files["prefetched_at_start"] = pagecache.startup_reader.stats.as_dict()
 
@@ -410,11 +413,13 @@ class ModelManager:
     def _load_placement(self, *paths: Path) -> dict[str, Any]:
         """``from_pretrained`` kwargs that load straight onto the GPU, after making room for the
         checkpoint under the budget. Loading to CPU memory first and then moving costs a second
-        full copy through pageable memory (about 10 s for Qwen2.5-7B on an H100 host)."""
+        full copy through pageable memory (about 10 s for Qwen2.5-7B on an H100 host). The
+        weight files are noted for the startup file list (``pagecache``)."""
+        files = sorted(f for path in paths for f in Path(path).rglob("*.safetensors"))
+        self._checkpoints.extend(files)
         if self.device.type != "cuda":
             return {}
-        checkpoint = sum(f.stat().st_size for path in paths for f in Path(path).rglob("*.safetensors"))
-        self.acquire([], working_bytes=checkpoint)
+        self.acquire([], working_bytes=sum(f.stat().st_size for f in files))
         return {"device_map": str(self.device)}
 
     # -- residency ----------------------------------------------------------------------------
