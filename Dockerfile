@@ -37,7 +37,8 @@ WORKDIR /app
 COPY requirements-gpu.txt requirements.txt pyproject.toml ./
 RUN pip install -r requirements-gpu.txt -r requirements.txt
 COPY src ./src
-RUN pip install --no-deps -e .
+# bytecode now, as pip did for the packages: a start then doesn't compile the worker's modules
+RUN pip install --no-deps -e . && python -m compileall -q src
 
 COPY builder ./builder
 ARG BAKE_MODELS=0

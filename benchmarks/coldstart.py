@@ -88,14 +88,14 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
     w = worker_module.get_worker()
     marks["worker_built_s"] = since()
     # what WARMUP_ON_START runs: compile artifacts in, transformer and VAE loaded and warmed up
-    # while UMT5 is read ahead, UMT5 loaded, artifacts and the startup file list out
+    # while the weights are read ahead, UMT5 loaded, artifacts and the startup file list out
     w.manager.warm_up(args.width, args.height, args.frames)
     marks["ready_s"] = since()
     marks["load_seconds"] = {k: round(v, 2) for k, v in w.manager.load_seconds.items()}
     report = w.manager.accel.as_dict()
     for key in ("warmups", "compile_artifacts", "compile_errors", "precision", "attention_backend"):
         marks[key] = report.get(key)
-    marks["text_encoder_read_ahead"] = report.get("text_encoder_read_ahead")
+    marks["checkpoint_read_ahead"] = report.get("checkpoint_read_ahead")
     marks["startup_files"] = report.get("startup_files")
     marks["compile_enabled"] = w.settings.compile_transformer
     marks["heavy_modules_at_import"] = sorted(m for m in HEAVY_MODULES if m in startup_modules)

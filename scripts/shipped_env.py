@@ -7,13 +7,18 @@ image's resolved package set (the output of ``scripts/check_image_deps.sh``) fro
 site-packages folders into a fresh venv without system packages, and reports each package
 that is missing or has another version there.
 
+Like pip in the image's build, it compiles each linked package's bytecode (the lent machine's
+Python may have been installed without it, and then every import compiles its source again).
+
 usage: python3 scripts/shipped_env.py PINS VENV SITE_DIR...   (first SITE_DIR that has a package wins)
 prints a JSON report; the venv's interpreter is VENV/bin/python3
 """
 
 from __future__ import annotations
 
+import compileall
 import json
+import os
 import re
 import sys
 import sysconfig
@@ -66,6 +71,7 @@ def main(pins_file: str, target_venv: str, *sites: str) -> dict:
     )
     indexes = [(Path(site).resolve(), dists(Path(site).resolve())) for site in sites]
     report: dict = {"venv": target_venv, "site_packages": str(target), "linked": 0, "missing": [], "other_version": {}}
+    sources: list[Path] = []
     for name, version in sorted(pins.items()):
         hit = next(((site, index[name]) for site, index in indexes if name in index), None)
         if hit is None:
@@ -78,7 +84,16 @@ def main(pins_file: str, target_venv: str, *sites: str) -> dict:
             source, link = site / top, target / top
             if source.exists() and not link.is_symlink() and not link.exists():
                 link.symlink_to(source)
+                sources.append(source)
         report["linked"] += 1
+    workers = os.cpu_count() or 1
+    report["bytecode_all_compiled"] = all(
+        compileall.compile_dir(str(p), quiet=2, workers=workers)
+        if p.is_dir()
+        else compileall.compile_file(str(p), quiet=2)
+        for p in sources
+        if p.is_dir() or p.suffix == ".py"
+    )
     return report
 
 

@@ -64,7 +64,6 @@ def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
     assert cold["load_seconds"].keys() == {"wan", "text_encoder"}
     recorded = cold["startup_files"]  # the first start leaves the list the next start reads ahead
     assert recorded["recorded"] and recorded["files"] > 100 and recorded["bytes"] > 0, recorded
-    assert recorded["checkpoints"] >= 3, recorded  # transformer, VAE and UMT5 at least
 
     ref = sections["reference"]
     assert ref["steps"] == 2 and ref["frames_finite"] and ref["frames_shape"] == [9, 256, 256, 3]

@@ -81,20 +81,15 @@ def recorded_name(source: str) -> str:
 
 
 def test_the_start_records_its_files_and_the_next_start_reads_them(tmp_path):
-    weights = tmp_path / "model" / "diffusion_pytorch_model.safetensors"
-    weights.parent.mkdir()
-    write(weights, 3 * MiB)
     folder = tmp_path / "cache"
-    info = pagecache.record_startup_files(folder, [weights])
+    info = pagecache.record_startup_files(folder)
     assert info["recorded"] and info["files"] > 50 and info["bytes"] > 0, info
-    assert info["checkpoints"] == 1 and info["checkpoint_bytes"] == 3 * MiB
     data = json.loads(pagecache.manifest_path(folder).read_text())
     names = [name for name, _, _ in data["files"]]
-    # modules as their bytecode where it was written, in import order (a package before its
-    # modules); the checkpoints last, whole
+    # modules as their bytecode where it was written, in import order: a package before its modules
     this, package = recorded_name(pagecache.__file__), recorded_name(sys.modules["wan_worker"].__file__)
     assert this in names and names.index(package) < names.index(this)
-    assert data["files"][-1] == [str(weights), 3 * MiB, [[0, 3 * MiB]]]
+    assert not any(name.endswith(".safetensors") for name in names)  # libraries only
     # what an import only looks at: the package's directory (listed) and, with bytecode, its source (dated)
     assert os.path.dirname(os.path.realpath(pagecache.__file__)) in data["touch"]
     if this.endswith(".pyc"):
@@ -102,10 +97,10 @@ def test_the_start_records_its_files_and_the_next_start_reads_them(tmp_path):
     assert pagecache.record_startup_files(folder)["reason"] == "already recorded"
 
     reader = pagecache.prefetch_startup_files(folder, threads=4)
-    assert reader is pagecache.startup_reader and str(weights) in reader.paths
+    assert reader is pagecache.startup_reader
     stats = reader.wait(timeout=60)
-    assert stats.done and stats.errors == 0 and stats.files == info["files"] + 1
-    assert stats.bytes_read == stats.bytes_planned == info["bytes"] + 3 * MiB
+    assert stats.done and stats.errors == 0 and stats.files == info["files"]
+    assert stats.bytes_read == stats.bytes_planned == info["bytes"]
 
 
 def test_a_file_changed_since_it_was_recorded_is_skipped(tmp_path):

@@ -5,16 +5,16 @@ A worker starting on a cold page cache waits on its disk twice. First for the im
 latency, so the imports take 2-3 times longer than the bytes need. Then for about 15 GB of
 checkpoints. Two readers fix what each can:
 
-- **The start's files** (``record_startup_files`` / ``prefetch_startup_files``). After a
-  warm-up the worker records what the start read: the directories its imports listed, each
-  imported module's bytecode (and the source file whose date the import checks), for shared
-  libraries only the pages in the page cache (``mincore``), and last the checkpoints it
-  loaded. The next start reads that list with many threads from its first line: each import
-  finds its files cached instead of waiting its turn on the disk, and the checkpoints are read
-  while the imports still run on the CPU.
-- **A checkpoint during a compile** (``Reader`` over ``whole_files``): the text encoder's
-  checkpoint is read while the transformer's warm-up compiles, so its ``from_pretrained``
-  afterwards copies from memory.
+- **The start's library files** (``record_startup_files`` / ``prefetch_startup_files``). After
+  a warm-up the worker records what its imports read: the directories they listed, each
+  module's bytecode (and the source file whose date validates it), and for shared libraries
+  only the pages in the page cache (``mincore``). The next start reads that list with many
+  threads from its first line, so each import finds its files cached instead of waiting its
+  turn on the disk. Checkpoints are not in it: bulk reads queued ahead of the imports' own
+  reads made the imports wait (measured: twice as long).
+- **Checkpoints during the warm-up** (``Reader`` over ``whole_files``): the T2V weights are
+  read by many threads while the transformer and VAE load and compile, so UMT5's
+  ``from_pretrained`` afterwards copies from memory.
 
 Stdlib only: ``prefetch_startup_files`` runs before torch is imported.
 """
@@ -79,8 +79,8 @@ class Reader:
     An unreadable file is counted, never raised: the reader is only an optimisation."""
 
     def __init__(self, pieces: list[Piece], threads: int = 8) -> None:
-        self.paths = {p[0] for p in pieces if p[2]}
-        self.stats = ReadStats(files=len(self.paths), bytes_planned=sum(p[2] for p in pieces))
+        files = {p[0] for p in pieces if p[2]}
+        self.stats = ReadStats(files=len(files), bytes_planned=sum(p[2] for p in pieces))
         self._pieces = iter(pieces)
         self._lock = threading.Lock()
         self._running = max(1, min(threads, len(pieces)))
@@ -209,11 +209,10 @@ def _pieces_of(files: list[list[Any]]) -> list[Piece]:
     return pieces
 
 
-def record_startup_files(folder: Path, checkpoints: list[Path] = ()) -> dict[str, Any]:
-    """Write what this process's start read, unless this environment's list exists: the
-    directories and sources its imports checked, then its modules in import order, the shared
-    libraries it mapped, and last ``checkpoints`` (the weights it loaded, read whole). Guarded:
-    a folder that can't be written is reported, not raised."""
+def record_startup_files(folder: Path) -> dict[str, Any]:
+    """Write what this process's imports read, unless this environment's list exists: the
+    directories and sources they checked, then the modules in import order and the shared
+    libraries mapped. Guarded: a folder that can't be written is reported, not raised."""
     path = manifest_path(folder)
     info: dict[str, Any] = {"path": str(path)}
     if path.is_file():
@@ -222,10 +221,9 @@ def record_startup_files(folder: Path, checkpoints: list[Path] = ()) -> dict[str
     try:
         touch, libraries = _library_files()
         files = [entry for name in libraries if (entry := _entry(name)) is not None]
-        weights = [[str(p), size, [[0, size]]] for p in checkpoints if (size := p.stat().st_size)]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "touch": touch, "files": files + weights}))
+        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "touch": touch, "files": files}))
         tmp.replace(path)  # atomic: a worker starting meanwhile reads the old list or the new one
     except OSError as exc:
         log.info("startup file list not recorded", extra={"path": str(path), "reason": str(exc)})
@@ -234,8 +232,6 @@ def record_startup_files(folder: Path, checkpoints: list[Path] = ()) -> dict[str
         "recorded": True,
         "files": len(files),
         "bytes": sum(length for _, _, ranges in files for _, length in ranges),
-        "checkpoints": len(weights),
-        "checkpoint_bytes": sum(size for _, size, _ in weights),
         "touched": len(touch),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -148,8 +148,8 @@ class AccelReport:
     compile_artifacts: dict[str, Any] | None = None
     warmups: list[dict[str, Any]] = field(default_factory=list)
     qwen: QwenAccel | None = None
-    #: UMT5's checkpoint read into the page cache during the warm-up compile (``ModelManager.warm_up``)
-    text_encoder_read_ahead: ReadStats | None = None
+    #: the T2V weights read into the page cache during the warm-up (``ModelManager.warm_up``)
+    checkpoint_read_ahead: ReadStats | None = None
     #: the start's library files, recorded after the warm-up for the next start (``pagecache``)
     startup_files: dict[str, Any] | None = None
 
@@ -172,8 +172,8 @@ class AccelReport:
             out["warmups"] = list(self.warmups)
         if self.qwen is not None:
             out["qwen"] = self.qwen.as_dict()
-        if self.text_encoder_read_ahead is not None:
-            out["text_encoder_read_ahead"] = self.text_encoder_read_ahead.as_dict()
+        if self.checkpoint_read_ahead is not None:
+            out["checkpoint_read_ahead"] = self.checkpoint_read_ahead.as_dict()
         if self.startup_files is not None:
             out["startup_files"] = self.startup_files
         return out

@@ -135,6 +135,10 @@ def _quiet_unused_weights() -> Iterator[None]:
         target.removeFilter(quiet)
 
 
+def _weights(folder: Path) -> list[Path]:
+    return sorted(Path(folder).rglob("*.safetensors"))
+
+
 @dataclass
 class ModelManager:
     settings: Settings
@@ -149,7 +153,6 @@ class ModelManager:
         self._modules: dict[str, Resident] = {}
         self._accounted: dict[str, int] = {}  # device bytes held outside modules (the LoRA cache)
         self._pipes: dict[str, Any] = {}
-        self._checkpoints: list[Path] = []  # weight files loaded, in order (the next start reads them ahead)
         self._qwen: tuple[Any, Any] | None = None
         self._lock = threading.RLock()
         if self.settings.gpu_memory_budget_gb is not None:
@@ -338,16 +341,21 @@ class ModelManager:
         (WARMUP_ON_START). A missing turbo checkpoint is logged, not fatal: the other qualities
         still serve.
 
-        The start is disk-bound, so the order matters: the transformer and VAE load first and
-        compile while UMT5's checkpoint is read into the page cache by background threads;
-        UMT5 then loads from memory. (Loading UMT5 itself in a thread is not safe:
-        ``from_pretrained`` initialises on the meta device through process-wide patches.)
+        The start is disk-bound, so the order matters: background threads read the T2V weights
+        into the page cache (transformer, VAE, then UMT5, three quarters of the bytes) while the
+        transformer and VAE load and compile; UMT5 then loads from memory. (Loading UMT5 itself
+        in a thread is not safe: ``from_pretrained`` initialises on the meta device through
+        process-wide patches.)
         """
         from wan_worker.runtime.accel import load_compile_artifacts, save_compile_artifacts, warm_transformer, warm_vae
 
         compiles = self.device.type == "cuda" and (self.settings.compile_transformer or self.settings.compile_vae)
         if compiles:
             self.accel.compile_artifacts = load_compile_artifacts(self.settings)  # before anything compiles
+        if compiles and not self.wan_loaded:
+            path = self._t2v_path()
+            weights = [f for sub in ("transformer", "vae", "text_encoder") for f in _weights(path / sub)]
+            self.accel.checkpoint_read_ahead = pagecache.Reader(pagecache.whole_files(weights)).stats
         pipe = self.pipeline("t2v")
         transformers = [("transformer", pipe.transformer)]
         if self.settings.default_quality == "turbo":
@@ -355,11 +363,6 @@ class ModelManager:
                 transformers.append(("turbo_transformer", self.pipeline("turbo").transformer))
             except ModelUnavailable as exc:
                 log.warning("turbo transformer not loaded at warm-up", extra={"reason": exc.message})
-        if compiles and not self.wan_loaded:
-            prefetching = pagecache.startup_reader.paths if pagecache.startup_reader else set()
-            encoder_files = sorted((self._t2v_path() / "text_encoder").glob("*.safetensors"))
-            unread = [f for f in encoder_files if str(f) not in prefetching]
-            self.accel.text_encoder_read_ahead = pagecache.Reader(pagecache.whole_files(unread)).stats
         if self.settings.compile_transformer and self.device.type == "cuda":
             from wan_worker.runtime.loras import slots_active
 
@@ -378,7 +381,7 @@ class ModelManager:
         if compiles:
             # everything compiled so far, Qwen's decode included
             self.accel.compile_artifacts = save_compile_artifacts(self.settings, self.accel.compile_artifacts)
-        self.accel.startup_files = pagecache.record_startup_files(self.settings.compile_cache_dir, self._checkpoints)
+        self.accel.startup_files = pagecache.record_startup_files(self.settings.compile_cache_dir)
         if pagecache.startup_reader is not None:
             self.accel.startup_files["prefetched_at_start"] = pagecache.startup_reader.stats.as_dict()
 
@@ -413,13 +416,10 @@ class ModelManager:
     def _load_placement(self, *paths: Path) -> dict[str, Any]:
         """``from_pretrained`` kwargs that load straight onto the GPU, after making room for the
         checkpoint under the budget. Loading to CPU memory first and then moving costs a second
-        full copy through pageable memory (about 10 s for Qwen2.5-7B on an H100 host). The
-        weight files are noted for the startup file list (``pagecache``)."""
-        files = sorted(f for path in paths for f in Path(path).rglob("*.safetensors"))
-        self._checkpoints.extend(files)
+        full copy through pageable memory (about 10 s for Qwen2.5-7B on an H100 host)."""
         if self.device.type != "cuda":
             return {}
-        self.acquire([], working_bytes=sum(f.stat().st_size for f in files))
+        self.acquire([], working_bytes=sum(f.stat().st_size for path in paths for f in _weights(path)))
         return {"device_map": str(self.device)}
 
     # -- residency ----------------------------------------------------------------------------
