@@ -132,3 +132,24 @@ def test_a_folder_that_cannot_be_written_is_reported_not_raised(tmp_path):
     blocker.write_text("x")
     info = pagecache.record_startup_files(blocker / "cache")
     assert info["recorded"] is False and "reason" in info
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise are Linux calls")
+def test_cache_files_are_listed_only_where_this_start_used_them(tmp_path):
+    caches = tmp_path / "inductor"
+    (caches / "triton").mkdir(parents=True)
+    used, stale = caches / "triton" / "kernel.cubin", caches / "old.pkl"
+    write(used, 5000)
+    write(stale, 7000)
+    fd = os.open(stale, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if pagecache.resident_ranges(str(stale), 7000):
+        pytest.skip("this filesystem keeps file pages in memory (tmpfs)")
+    info = pagecache.record_startup_files(tmp_path / "list", (caches,))
+    assert info["cache_files"] == 1 and info["cache_bytes"] == 5000, info
+    files = json.loads(pagecache.manifest_path(tmp_path / "list").read_text())["files"]
+    assert files[-1] == [str(used), 5000, [[0, 5000]]] and str(stale) not in {f[0] for f in files}

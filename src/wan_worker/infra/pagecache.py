@@ -209,10 +209,13 @@ def _pieces_of(files: list[list[Any]]) -> list[Piece]:
     return pieces
 
 
-def record_startup_files(folder: Path) -> dict[str, Any]:
-    """Write what this process's imports read, unless this environment's list exists: the
-    directories and sources they checked, then the modules in import order and the shared
-    libraries mapped. Guarded: a folder that can't be written is reported, not raised."""
+def record_startup_files(folder: Path, caches: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Write what this process's start read, unless this environment's list exists: the
+    directories and sources its imports checked, the modules in import order, the shared
+    libraries mapped, then the files under ``caches`` (the compile caches) that are in the page
+    cache now, i.e. that this start read or wrote. Those are small files the warm-up reads
+    while the weights are read in bulk; each would otherwise wait behind the bulk reads.
+    Guarded: a folder that can't be written is reported, not raised."""
     path = manifest_path(folder)
     info: dict[str, Any] = {"path": str(path)}
     if path.is_file():
@@ -221,9 +224,10 @@ def record_startup_files(folder: Path) -> dict[str, Any]:
     try:
         touch, libraries = _library_files()
         files = [entry for name in libraries if (entry := _entry(name)) is not None]
+        cached = [entry for name in _files_under(caches) if (entry := _entry(name, resident_only=True)) is not None]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "touch": touch, "files": files}))
+        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "touch": touch, "files": files + cached}))
         tmp.replace(path)  # atomic: a worker starting meanwhile reads the old list or the new one
     except OSError as exc:
         log.info("startup file list not recorded", extra={"path": str(path), "reason": str(exc)})
@@ -232,6 +236,8 @@ def record_startup_files(folder: Path) -> dict[str, Any]:
         "recorded": True,
         "files": len(files),
         "bytes": sum(length for _, _, ranges in files for _, length in ranges),
+        "cache_files": len(cached),
+        "cache_bytes": sum(length for _, _, ranges in cached for _, length in ranges),
         "touched": len(touch),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -271,13 +277,23 @@ def _mapped_libraries() -> list[str]:
     return list(found)
 
 
-def _entry(name: str) -> list[Any] | None:
+def _files_under(folders: tuple[Path, ...]) -> list[str]:
+    return sorted(os.path.join(root, f) for folder in folders for root, _, names in os.walk(folder) for f in names)
+
+
+def _entry(name: str, resident_only: bool = False) -> list[Any] | None:
+    """``[path, size, ranges]``: small files whole, large ones where resident. ``resident_only``:
+    nothing for a file with no page in the cache."""
     try:
         size = os.stat(name).st_size
     except OSError:
         return None
+    if not size:
+        return None
+    if resident_only and not resident_ranges(name, size):
+        return None
     if size <= SMALL_FILE:
-        return [name, size, [[0, size]]] if size else None
+        return [name, size, [[0, size]]]
     ranges = resident_ranges(name, size)
     if ranges is None:
         ranges = [(0, size)]

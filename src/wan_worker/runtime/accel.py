@@ -353,6 +353,13 @@ def precision_status(report: AccelReport, settings: Settings) -> dict[str, Any]:
 # -- portable compile artifacts --------------------------------------------------------------------
 
 
+def inductor_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs and Triton kernels (``TORCHINDUCTOR_CACHE_DIR``)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())
+
+
 def compile_artifacts_path(settings: Settings) -> Path | None:
     """One file per torch version, GPU and precision (artifacts of another stack would miss)."""
     if not torch.cuda.is_available():

@@ -347,7 +347,13 @@ class ModelManager:
         in a thread is not safe: ``from_pretrained`` initialises on the meta device through
         process-wide patches.)
         """
-        from wan_worker.runtime.accel import load_compile_artifacts, save_compile_artifacts, warm_transformer, warm_vae
+        from wan_worker.runtime.accel import (
+            inductor_cache_dir,
+            load_compile_artifacts,
+            save_compile_artifacts,
+            warm_transformer,
+            warm_vae,
+        )
 
         compiles = self.device.type == "cuda" and (self.settings.compile_transformer or self.settings.compile_vae)
         if compiles:
@@ -381,7 +387,8 @@ class ModelManager:
         if compiles:
             # everything compiled so far, Qwen's decode included
             self.accel.compile_artifacts = save_compile_artifacts(self.settings, self.accel.compile_artifacts)
-        self.accel.startup_files = pagecache.record_startup_files(self.settings.compile_cache_dir)
+        caches = (inductor_cache_dir(),) if compiles else ()
+        self.accel.startup_files = pagecache.record_startup_files(self.settings.compile_cache_dir, caches)
         if pagecache.startup_reader is not None:
             self.accel.startup_files["prefetched_at_start"] = pagecache.startup_reader.stats.as_dict()
 
