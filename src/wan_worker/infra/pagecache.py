@@ -1,8 +1,8 @@
 """Reading files into the OS page cache ahead of the code that needs them.
 
 A worker starting on a cold page cache waits on its disk twice. First for the imports: about
-3,500 small library files read one after another, each a synchronous read that pays the disk's
-latency, so the imports take 2-3 times longer than the bytes need. Then for about 15 GB of
+3,600 modules read one after another, each a synchronous read that pays the disk's latency
+(13.6 s on a cold cache against 9.9 s on a warm one, on an H100 host). Then for about 15 GB of
 checkpoints. Two readers fix what each can:
 
 - **The start's library files** (``record_startup_files`` / ``prefetch_startup_files``). After
@@ -124,7 +124,10 @@ def _read(piece: Piece, buf: bytearray) -> tuple[int, int]:
     done = 0
     if not length:
         try:
-            os.listdir(path) if os.path.isdir(path) else os.stat(path)
+            if os.path.isdir(path):
+                os.listdir(path)
+            else:
+                os.stat(path)
         except OSError:
             return 0, 1
         return 0, 0
@@ -286,17 +289,13 @@ def _entry(name: str, resident_only: bool = False) -> list[Any] | None:
     nothing for a file with no page in the cache."""
     try:
         size = os.stat(name).st_size
+        ranges = resident_ranges(name, size) if size and (resident_only or size > SMALL_FILE) else None
     except OSError:
         return None
-    if not size:
+    if not size or (resident_only and not ranges):
         return None
-    if resident_only and not resident_ranges(name, size):
-        return None
-    if size <= SMALL_FILE:
+    if size <= SMALL_FILE or ranges is None:  # small, or no mincore here: the whole file
         return [name, size, [[0, size]]]
-    ranges = resident_ranges(name, size)
-    if ranges is None:
-        ranges = [(0, size)]
     return [name, size, [list(r) for r in ranges]] if ranges else None
 
 
