@@ -131,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of sections to run (default: all; coldstart = cold_start)",
     )
     p.add_argument("--precision", choices=["bf16", "fp8"], default="bf16", help="PRECISION of the cold_start workers")
+    p.add_argument(
+        "--cold-restarts",
+        default="caches,without_startup_files,artifacts_only",
+        help="cold_start: the restarts to run after the first start (comma list; empty: none)",
+    )
     p.add_argument("--frames-out", help=argparse.SUPPRESS)
     p.add_argument("--s3", choices=["weed", "none"], default="weed", help="upload to a local SeaweedFS, or inline")
     p.add_argument("--height", type=int, default=832)

@@ -21,36 +21,44 @@ def cold_start(ctx: Context) -> dict[str, Any]:
     first start left (inductor's directory, the portable compile artifacts and the startup file
     list, as on a network volume); the same restart without the startup file list; and a restart
     with the artifacts file and the list but an empty inductor directory (a new machine on the
-    same volume). Page cache dropped before each, where the OS allows."""
+    same volume); ``--cold-restarts`` picks the restarts. Page cache dropped before each, where
+    the OS allows."""
     env = ctx.child_env(ctx.settings(precision=ctx.args.precision))
     env["WARMUP_ON_START"] = "1"
     cache, artifacts = ctx.work / "inductor-cache-cold", ctx.work / "compile-artifacts-cold"
     for folder in (cache, artifacts):
         shutil.rmtree(folder, ignore_errors=True)
     env.update(TORCHINDUCTOR_CACHE_DIR=str(cache), COMPILE_CACHE_DIR=str(artifacts))
-    first = _cold_child(ctx, env)
+    first = _cold_child(ctx, env, "first_start")
     out = dict(first)
-    if not ctx.tiny and "error" not in first:
-        out["restart_with_caches"] = _cold_child(ctx, env)
-        startup_list = (first.get("startup_files") or {}).get("path")
-        if startup_list and Path(startup_list).is_file():
-            aside = Path(f"{startup_list}.aside")
-            Path(startup_list).rename(aside)
-            out["restart_without_startup_files"] = _cold_child(ctx, env)
-            aside.rename(startup_list)
+    restarts = [x for x in ctx.args.cold_restarts.split(",") if x]
+    if ctx.tiny or "error" in first:
+        return out
+    if "caches" in restarts:
+        out["restart_with_caches"] = _cold_child(ctx, env, "restart_with_caches")
+    startup_list = (first.get("startup_files") or {}).get("path")
+    if "without_startup_files" in restarts and startup_list and Path(startup_list).is_file():
+        aside = Path(f"{startup_list}.aside")
+        Path(startup_list).rename(aside)
+        out["restart_without_startup_files"] = _cold_child(ctx, env, "restart_without_startup_files")
+        aside.rename(startup_list)
+    if "artifacts_only" in restarts:
         empty = ctx.work / "inductor-cache-empty"
         shutil.rmtree(empty, ignore_errors=True)
-        out["restart_with_artifacts_only"] = _cold_child(ctx, {**env, "TORCHINDUCTOR_CACHE_DIR": str(empty)})
+        artifacts_only = {**env, "TORCHINDUCTOR_CACHE_DIR": str(empty)}
+        out["restart_with_artifacts_only"] = _cold_child(ctx, artifacts_only, "restart_with_artifacts_only")
     return out
 
 
-def _cold_child(ctx: Context, env: dict[str, str]) -> dict[str, Any]:
+def _cold_child(ctx: Context, env: dict[str, str], name: str) -> dict[str, Any]:
     dropped = drop_page_cache()
     shape = ["--height", str(ctx.height), "--width", str(ctx.width), "--frames", str(ctx.frames)]
     started = now()
     out = ctx.run_child("cold_start", shape, env, timeout=900)
     if "error" not in out:
         out.update(page_cache_dropped=dropped, wall_s_from_parent=r(now() - started, 2))
+    # each start as it finishes: a run cut short still shows the starts it made
+    print(f"[cold_start] {name}: ready {out.get('ready_s', out.get('error'))} s", file=sys.stderr, flush=True)
     return out
 
 
@@ -70,12 +78,20 @@ def child_cold_start(args: argparse.Namespace) -> dict[str, Any]:
 
     pagecache.prefetch_startup_files(get_settings().compile_cache_dir)
     marks["prefetch_started_s"] = since()
+    try:  # handler.py imports the SDK here; a machine without it measures the rest and says so
+        import runpod  # noqa: F401
+
+        marks["sdk_imported"] = True
+    except ImportError:
+        marks["sdk_imported"] = False
+    marks["sdk_import_s"] = since()
+    before_worker = set(sys.modules)
     import torch
 
     from wan_worker.serving import worker as worker_module
 
     marks["imports_s"] = since()
-    startup_modules = set(sys.modules)
+    startup_modules = set(sys.modules) - before_worker
     # what the first load imports anyway (the packages' lazy stubs import nothing)
     import diffusers.pipelines.wan.pipeline_wan  # noqa: F401
     import transformers.models.umt5.modeling_umt5  # noqa: F401

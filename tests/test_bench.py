@@ -62,6 +62,8 @@ def test_tiny_bench_reports_every_stage(tiny_models, tmp_path):
     cold = sections["cold_start"]
     assert positive(cold["imports_s"]) and cold["ready_s"] >= cold["worker_built_s"] >= cold["imports_s"]
     assert cold["load_seconds"].keys() == {"wan", "text_encoder"}
+    assert cold["sdk_imported"] is True  # handler.py's order: the SDK before the worker
+    assert cold["heavy_modules_at_import"] == [], cold["heavy_modules_at_import"]  # the worker's own imports
     recorded = cold["startup_files"]  # the first start leaves the list the next start reads ahead
     assert recorded["recorded"] and recorded["files"] > 100 and recorded["bytes"] > 0, recorded
 
