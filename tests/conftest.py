@@ -17,6 +17,16 @@ from helpers.workers import ApiWorker, start_api_worker, stop, worker_env
 from wan_worker.infra.local_s3 import S3Server, start_s3
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """``COMPILE_CACHE_DIR`` for every worker of the session, in process or not: a warm-up writes
+    its startup file list there, never under the default ``/runpod-volume``."""
+    folder = tmp_path_factory.mktemp("compile-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPILE_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     from wan_worker.runtime.tiny import ensure_tiny_models

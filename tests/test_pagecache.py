@@ -153,3 +153,11 @@ def test_cache_files_are_listed_only_where_this_start_used_them(tmp_path):
     assert info["cache_files"] == 1 and info["cache_bytes"] == 5000, info
     files = json.loads(pagecache.manifest_path(tmp_path / "list").read_text())["files"]
     assert files[-1] == [str(used), 5000, [[0, 5000]]] and str(stale) not in {f[0] for f in files}
+
+
+def test_a_warm_worker_leaves_its_list_for_the_next_start(api_worker, compile_cache_dir):
+    """``handler.py`` with WARMUP_ON_START (the default) records the list where the next start looks."""
+    assert api_worker.runsync({"action": "health"})["status"] == "COMPLETED"  # warm and serving
+    data = json.loads(pagecache.manifest_path(compile_cache_dir).read_text())
+    names = {name for name, _, _ in data["files"]}
+    assert recorded_name(pagecache.__file__) in names and len(names) > 100
