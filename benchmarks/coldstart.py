@@ -40,8 +40,10 @@ def cold_start(ctx: Context) -> dict[str, Any]:
     if "without_startup_files" in restarts and startup_list and Path(startup_list).is_file():
         aside = Path(f"{startup_list}.aside")
         Path(startup_list).rename(aside)
-        out["restart_without_startup_files"] = _cold_child(ctx, env, "restart_without_startup_files")
-        aside.rename(startup_list)
+        try:
+            out["restart_without_startup_files"] = _cold_child(ctx, env, "restart_without_startup_files")
+        finally:
+            aside.rename(startup_list)
     if "artifacts_only" in restarts:
         empty = ctx.work / "inductor-cache-empty"
         shutil.rmtree(empty, ignore_errors=True)

@@ -87,13 +87,14 @@ def main(pins_file: str, target_venv: str, *sites: str) -> dict:
                 sources.append(source)
         report["linked"] += 1
     workers = os.cpu_count() or 1
-    report["bytecode_all_compiled"] = all(
+    compiled = [  # every package, even after one with a file that doesn't compile
         compileall.compile_dir(str(p), quiet=2, workers=workers)
         if p.is_dir()
         else compileall.compile_file(str(p), quiet=2)
         for p in sources
         if p.is_dir() or p.suffix == ".py"
-    )
+    ]
+    report["bytecode_all_compiled"] = all(compiled)
     return report
 
 

@@ -15,6 +15,12 @@ from wan_worker.infra import pagecache
 MiB = 1 << 20
 
 
+@pytest.fixture(autouse=True)
+def no_startup_reader(monkeypatch):
+    """``prefetch_startup_files`` sets the process's reader; each test starts and ends without one."""
+    monkeypatch.setattr(pagecache, "startup_reader", None)
+
+
 def write(path, size: int) -> None:
     path.write_bytes(os.urandom(size))
 
@@ -24,10 +30,11 @@ def test_reader_reads_every_byte_of_whole_files_in_pieces(tmp_path):
     write(big, pagecache.CHUNK + 3 * MiB)  # two pieces
     write(small, 1000)
     pieces = pagecache.whole_files([big, small])
+    size = pagecache.CHUNK + 3 * MiB
     assert pieces == [
-        (str(big), 0, pagecache.CHUNK),
-        (str(big), pagecache.CHUNK, 3 * MiB),
-        (str(small), 0, 1000),
+        (str(big), 0, pagecache.CHUNK, size),
+        (str(big), pagecache.CHUNK, 3 * MiB, size),
+        (str(small), 0, 1000, 1000),
     ]
     stats = pagecache.Reader(pieces, threads=2).wait(timeout=30)
     assert stats.done and stats.errors == 0 and stats.files == 2
@@ -37,7 +44,8 @@ def test_reader_reads_every_byte_of_whole_files_in_pieces(tmp_path):
 def test_reader_counts_an_unreadable_file_and_reads_the_rest(tmp_path):
     good = tmp_path / "good.bin"
     write(good, 5000)
-    stats = pagecache.Reader([(str(tmp_path / "gone.bin"), 0, 10), (str(good), 0, 5000)], threads=1).wait(30)
+    pieces = [(str(tmp_path / "gone.bin"), 0, 10, 10), (str(good), 0, 5000, 5000)]
+    stats = pagecache.Reader(pieces, threads=1).wait(30)
     assert stats.done and stats.errors == 1 and stats.bytes_read == 5000
 
 
@@ -111,7 +119,44 @@ def test_a_file_changed_since_it_was_recorded_is_skipped(tmp_path):
     manifest = {"version": pagecache.MANIFEST_VERSION, "touch": [str(tmp_path)], "files": files}
     pagecache.manifest_path(tmp_path).write_text(json.dumps(manifest))
     stats = pagecache.prefetch_startup_files(tmp_path).wait(timeout=30)
-    assert stats.files == 1 and stats.bytes_read == 300 and stats.errors == 0
+    assert stats.done and stats.bytes_read == 300 and stats.errors == 2  # the changed one and the gone one
+
+
+def test_a_list_never_reads_past_a_file_or_from_a_pipe_or_device(tmp_path):
+    short = tmp_path / "short.pyc"
+    write(short, 100)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    files = [[str(short), 100, [[50, 10**12]]], [str(fifo), 0, [[0, 10]]], ["/dev/zero", 0, [[0, 10**12]]]]
+    manifest = {"version": pagecache.MANIFEST_VERSION, "touch": [], "files": files}
+    pagecache.manifest_path(tmp_path).write_text(json.dumps(manifest))
+    stats = pagecache.prefetch_startup_files(tmp_path).wait(timeout=30)
+    assert stats.done and stats.files == 1 and stats.bytes_read == stats.bytes_planned == 50
+
+
+def test_repeated_ranges_are_read_once_and_a_list_has_a_budget(tmp_path):
+    lib = tmp_path / "lib.so"
+    write(lib, 2 * MiB)
+    ranges = [[0, 2 * MiB]] * 1000 + [[MiB, 5 * MiB]]
+    pieces = pagecache._pieces_of([[str(lib), 2 * MiB, ranges]])
+    assert sum(p[2] for p in pieces) == 2 * MiB
+    huge = [[f"/lib{i}.so", 10 * pagecache.STARTUP_BUDGET, [[0, 10 * pagecache.STARTUP_BUDGET]]] for i in range(3)]
+    assert sum(p[2] for p in pagecache._pieces_of(huge)) == pagecache.STARTUP_BUDGET
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        "null",
+        '{"version": 2, "touch": [[1]], "files": []}',
+        '{"version": 2, "touch": [], "files": [["/x", 1, [[Infinity, 1]]]]}',
+    ],
+)
+def test_a_malformed_list_never_stops_the_start(tmp_path, text):
+    pagecache.manifest_path(tmp_path).write_text(text)
+    reader = pagecache.prefetch_startup_files(tmp_path)  # no exception
+    assert reader is None or reader.wait(timeout=30).done
 
 
 def test_a_list_of_another_format_is_ignored(tmp_path):
@@ -153,11 +198,3 @@ def test_cache_files_are_listed_only_where_this_start_used_them(tmp_path):
     assert info["cache_files"] == 1 and info["cache_bytes"] == 5000, info
     files = json.loads(pagecache.manifest_path(tmp_path / "list").read_text())["files"]
     assert files[-1] == [str(used), 5000, [[0, 5000]]] and str(stale) not in {f[0] for f in files}
-
-
-def test_a_warm_worker_leaves_its_list_for_the_next_start(api_worker, compile_cache_dir):
-    """``handler.py`` with WARMUP_ON_START (the default) records the list where the next start looks."""
-    assert api_worker.runsync({"action": "health"})["status"] == "COMPLETED"  # warm and serving
-    data = json.loads(pagecache.manifest_path(compile_cache_dir).read_text())
-    names = {name for name, _, _ in data["files"]}
-    assert recorded_name(pagecache.__file__) in names and len(names) > 100

@@ -21,16 +21,19 @@ Stdlib only: ``prefetch_startup_files`` runs before torch is imported.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import mmap
 import os
+import stat
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,8 +50,11 @@ MERGE_GAP = 256 << 10
 SMALL_FILE = 1 << 20
 MANIFEST_VERSION = 2
 
-#: (path, offset, length) of one read; length 0: only the file's inode, or a directory's listing.
-Piece = tuple[str, int, int]
+#: (path, offset, length, size) of one read of a regular file of ``size`` bytes; length 0: only
+#: the file's inode, or a directory's listing.
+Piece = tuple[str, int, int, int]
+#: The most one startup list may read (the libraries of a start are about 1.7 GB).
+STARTUP_BUDGET = 4 << 30
 
 
 @dataclass
@@ -94,20 +100,25 @@ class Reader:
 
     def _run(self) -> None:
         buf = bytearray(CHUNK)
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    piece = next(self._pieces, None)
+                if piece is None:
+                    break
+                try:
+                    read, failed = _read(piece, buf)
+                except Exception:  # noqa: BLE001 - a bad entry costs its read, never the thread
+                    read, failed = 0, 1
+                with self._lock:
+                    self.stats.bytes_read += read
+                    self.stats.errors += failed
+        finally:
             with self._lock:
-                piece = next(self._pieces, None)
-            if piece is None:
-                break
-            read, failed = _read(piece, buf)
-            with self._lock:
-                self.stats.bytes_read += read
-                self.stats.errors += failed
-        with self._lock:
-            self._running -= 1
-            last = self._running == 0
-        if last:
-            self._finish()
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                self._finish()
 
     def _finish(self) -> None:
         self.stats.seconds = time.perf_counter() - self._started
@@ -120,7 +131,9 @@ class Reader:
 
 
 def _read(piece: Piece, buf: bytearray) -> tuple[int, int]:
-    path, offset, length = piece
+    """(bytes read, errors). Only a regular file of the expected size is read (checked on the
+    open descriptor, which a non-blocking open never lets a pipe hold)."""
+    path, offset, length, size = piece
     done = 0
     if not length:
         try:
@@ -132,10 +145,13 @@ def _read(piece: Piece, buf: bytearray) -> tuple[int, int]:
             return 0, 1
         return 0, 0
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return 0, 1
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            return 0, 1  # not what was recorded: a changed file's ranges are stale
         view = memoryview(buf)
         while done < length:
             n = os.preadv(fd, [view[: min(length - done, len(buf))]], offset + done)
@@ -154,7 +170,7 @@ def whole_files(paths: list[Path]) -> list[Piece]:
     pieces: list[Piece] = []
     for path in paths:
         size = path.stat().st_size
-        pieces.extend((str(path), off, min(CHUNK, size - off)) for off in range(0, size, CHUNK))
+        pieces.extend((str(path), off, min(CHUNK, size - off), size) for off in range(0, size, CHUNK))
     return pieces
 
 
@@ -179,17 +195,19 @@ startup_reader: Reader | None = None
 
 def prefetch_startup_files(folder: Path, threads: int = 16) -> Reader | None:
     """Start reading the recorded files of this environment's start, if a list was recorded.
-    Returns at once; the reads go on in the background while the caller imports."""
+    Returns at once; the reads go on in the background while the caller imports. Never raises:
+    a list that can't be used is logged and skipped."""
     global startup_reader
     path = manifest_path(folder)
     try:
         data = json.loads(path.read_text())
-        if data.get("version") != MANIFEST_VERSION:
+        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
             return None
-        pieces = [(name, 0, 0) for name in data["touch"]] + _pieces_of(data["files"])
+        touch = [(name, 0, 0, 0) for name in data["touch"] if isinstance(name, str)]
+        pieces = touch + _pieces_of(data["files"])
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - an optimisation must not stop the start
         log.warning("startup file list unreadable; starting without it", extra={"path": str(path), "reason": str(exc)})
         return None
     startup_reader = Reader(pieces, threads=threads)
@@ -197,18 +215,30 @@ def prefetch_startup_files(folder: Path, threads: int = 16) -> Reader | None:
 
 
 def _pieces_of(files: list[list[Any]]) -> list[Piece]:
-    """A file whose size changed since it was recorded is skipped: its ranges would be stale."""
+    """The reads of a list, without touching the disk (the reader threads check each file).
+    Each file's ranges are clipped to its recorded size and merged, and the whole list to
+    ``STARTUP_BUDGET``: the list sits on a shared volume and is not trusted to be sane."""
     pieces: list[Piece] = []
+    budget = STARTUP_BUDGET
     for name, size, ranges in files:
-        try:
-            if os.stat(name).st_size != size:
-                continue
-        except OSError:
+        if not isinstance(name, str):
             continue
-        for offset, length in ranges:
-            pieces.extend(
-                (name, off, min(CHUNK, offset + length - off)) for off in range(offset, offset + length, CHUNK)
-            )
+        size = int(size)
+        spans = sorted((max(0, int(o)), min(int(o) + int(n), size)) for o, n in ranges)
+        merged: list[list[int]] = []
+        for start, end in spans:
+            if end <= start:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        for start, end in merged:
+            end = min(end, start + budget)
+            budget -= end - start
+            pieces.extend((name, off, min(CHUNK, end - off), size) for off in range(start, end, CHUNK))
+        if budget <= 0:
+            break
     return pieces
 
 
@@ -224,17 +254,24 @@ def record_startup_files(folder: Path, caches: tuple[Path, ...] = ()) -> dict[st
     if path.is_file():
         return info | {"recorded": False, "reason": "already recorded"}
     started = time.perf_counter()
+    tmp: str | None = None
     try:
         touch, libraries = _library_files()
         files = [entry for name in libraries if (entry := _entry(name)) is not None]
         cached = [entry for name in _files_under(caches) if (entry := _entry(name, resident_only=True)) is not None]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "touch": touch, "files": files + cached}))
-        tmp.replace(path)  # atomic: a worker starting meanwhile reads the old list or the new one
-    except OSError as exc:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as out:
+            json.dump({"version": MANIFEST_VERSION, "touch": touch, "files": files + cached}, out)
+        os.replace(tmp, path)  # atomic: a worker starting meanwhile reads the old list or the new one
+        tmp = None
+    except Exception as exc:  # noqa: BLE001 - an optimisation must not fail the warm-up
         log.info("startup file list not recorded", extra={"path": str(path), "reason": str(exc)})
         return info | {"recorded": False, "reason": f"{type(exc).__name__}: {exc}"}
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return info | {
         "recorded": True,
         "files": len(files),
@@ -285,8 +322,8 @@ def _files_under(folders: tuple[Path, ...]) -> list[str]:
 
 
 def _entry(name: str, resident_only: bool = False) -> list[Any] | None:
-    """``[path, size, ranges]``: small files whole, large ones where resident. ``resident_only``:
-    nothing for a file with no page in the cache."""
+    """``[path, size, ranges]``: small files whole, large ones where resident (left out where
+    ``mincore`` isn't available). ``resident_only``: nothing for a file with no page in the cache."""
     try:
         size = os.stat(name).st_size
         ranges = resident_ranges(name, size) if size and (resident_only or size > SMALL_FILE) else None
@@ -294,47 +331,43 @@ def _entry(name: str, resident_only: bool = False) -> list[Any] | None:
         return None
     if not size or (resident_only and not ranges):
         return None
-    if size <= SMALL_FILE or ranges is None:  # small, or no mincore here: the whole file
+    if size <= SMALL_FILE:
         return [name, size, [[0, size]]]
-    return [name, size, [list(r) for r in ranges]] if ranges else None
+    return [name, size, [list(r) for r in ranges]] if ranges else None  # no mincore here: left out
 
 
-_libc: Any = None
+@functools.cache
+def _libc() -> Any:
+    """The C library's ``mmap``/``mincore``/``munmap`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
 
 
 def resident_ranges(name: str, size: int) -> list[tuple[int, int]] | None:
     """The byte ranges of a file now in the page cache (``mincore`` on a mapping, which doesn't
     fault pages in), nearby runs merged. ``None`` where ``mincore`` isn't available."""
-    global _libc
-    if _libc is None:
-        found = ctypes.util.find_library("c")
-        if not found or not sys.platform.startswith("linux"):
-            return None
-        _libc = ctypes.CDLL(found, use_errno=True)
-        _libc.mmap.restype = ctypes.c_void_p
-        _libc.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc = _libc()
+    if libc is None:
+        return None
     page = mmap.PAGESIZE
     fd = os.open(name, os.O_RDONLY)
     try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             return None
         try:
             vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
-            if _libc.mincore(addr, size, vec) != 0:
+            if libc.mincore(addr, size, vec) != 0:
                 return None
             resident = bytes(vec)
         finally:
-            _libc.munmap(addr, size)
+            libc.munmap(addr, size)
     finally:
         os.close(fd)
     return _merge(resident, page, size)

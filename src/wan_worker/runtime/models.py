@@ -14,6 +14,7 @@ the GPU while the transformer works when the budget asks for it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import threading
@@ -239,11 +240,13 @@ class ModelManager:
                 dtype=torch.bfloat16,
                 **self._load_placement(path / "text_encoder"),
             )
-        self._register("text_encoder", text_encoder)
-        pipe = WanPipeline(
-            text_encoder=text_encoder, **{k: v for k, v in base.components.items() if k != "text_encoder"}
-        )
+        # the same pipeline ``from_pretrained`` would give: every component and config value of
+        # the denoiser, UMT5 added (``from_pipe`` would re-cast the modules kept in float32)
+        init = inspect.signature(WanPipeline.__init__).parameters
+        kwargs = {k: base.components[k] if k in base.components else base.config[k] for k in init if k in base.config}
+        pipe = WanPipeline(**{**kwargs, "text_encoder": text_encoder})
         pipe.set_progress_bar_config(disable=True)
+        self._register("text_encoder", text_encoder)
         self._pipes["t2v"] = pipe
         self.load_seconds["text_encoder"] = time.perf_counter() - started
         log.info("loaded UMT5", extra={"seconds": round(self.load_seconds["text_encoder"], 2), "path": str(path)})
@@ -362,7 +365,9 @@ class ModelManager:
             self.accel.compile_artifacts = load_compile_artifacts(self.settings)  # before anything compiles
         if compiles and not self.wan_loaded:
             path = self._t2v_path()
-            weights = [f for sub in ("transformer", "vae", "text_encoder") for f in _weights(path / sub)]
+            loaded = "t2v_denoise" in self._pipes  # e.g. a retry after UMT5 failed to load
+            parts = ("text_encoder",) if loaded else ("transformer", "vae", "text_encoder")
+            weights = [f for sub in parts for f in _weights(path / sub)]
             self.accel.checkpoint_read_ahead = pagecache.Reader(pagecache.whole_files(weights)).stats
         pipe = self.pipeline("t2v")
         transformers = [("transformer", pipe.transformer)]

@@ -190,7 +190,10 @@ class Generator:
     def load(self, names: list[str]) -> float:
         """Load the pipelines that are not resident yet (the only loading a job does); seconds taken."""
         started = time.perf_counter()
-        for name in self.missing(names):
+        missing = self.missing(names)
+        if missing:  # the base model (UMT5 included) first: every job encodes its prompt with it
+            self.manager.encoder_pipe()
+        for name in missing:
             self.manager.pipeline(name)
         return time.perf_counter() - started
 
