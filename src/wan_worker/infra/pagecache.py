@@ -170,8 +170,13 @@ def whole_files(paths: list[Path]) -> list[Piece]:
     pieces: list[Piece] = []
     for path in paths:
         size = path.stat().st_size
-        pieces.extend((str(path), off, min(CHUNK, size - off), size) for off in range(0, size, CHUNK))
+        pieces.extend(_split(str(path), 0, size, size))
     return pieces
+
+
+def _split(name: str, start: int, end: int, size: int) -> list[Piece]:
+    """Bytes ``[start, end)`` of a file of ``size`` bytes, in ``CHUNK`` pieces."""
+    return [(name, off, min(CHUNK, end - off), size) for off in range(start, end, CHUNK)]
 
 
 # -- the start's library files -----------------------------------------------------------------
@@ -236,7 +241,7 @@ def _pieces_of(files: list[list[Any]]) -> list[Piece]:
         for start, end in merged:
             end = min(end, start + budget)
             budget -= end - start
-            pieces.extend((name, off, min(CHUNK, end - off), size) for off in range(start, end, CHUNK))
+            pieces.extend(_split(name, start, end, size))
         if budget <= 0:
             break
     return pieces
