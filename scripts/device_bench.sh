@@ -17,13 +17,15 @@
 #
 # Run from the repository root: the harness is the top-level benchmarks/ package (python3 -m benchmarks).
 # usage: bash scripts/device_bench.sh [--shipped-env PINS] [bench args...]   (writes $OUT/bench.json, $OUT/bench.log)
+#        bash scripts/device_bench.sh --script FILE [args...]   (runs FILE in the same environment instead)
 #   --shipped-env PINS  run in a venv holding only the image's packages (PINS: scripts/check_image_deps.sh's
 #                       output), linked from this machine's Python and the payloads (scripts/shipped_env.py).
 #                       The machine's own Python has many more (scikit-learn, pandas, JAX, ...), and
 #                       transformers imports some when present: the cold start needs the image's set.
 set -u
-PINS=""
+PINS="" SCRIPT=""
 if [ "${1:-}" = "--shipped-env" ]; then PINS=$2; shift 2; fi
+if [ "${1:-}" = "--script" ]; then SCRIPT=$2; shift 2; fi
 SITE=/tmp/bench-site BIN=/tmp/bench-bin
 mkdir -p "$SITE" "$BIN"
 for d in .dev/*/; do
@@ -53,4 +55,5 @@ if [ -n "$PINS" ]; then
   echo "shipped env: $(grep -c . "$PINS") pins, missing: $(python3 -c "import json; print(json.load(open('$OUT/shipped-env.json'))['missing'])")"
 fi
 set -o pipefail
+if [ -n "$SCRIPT" ]; then "$PY" "$SCRIPT" "$@" 2>&1 | tee "$OUT/script.log"; exit; fi
 "$PY" -m benchmarks --models-dir /var/tmp/wanbench/models --work-dir /var/tmp/wanbench/work --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "Loading\|it/s\]" 

@@ -466,7 +466,12 @@ class EagerFallback:
         return call
 
 
-def compile_blocks(transformer: torch.nn.Module, errors: dict[str, str] | None = None, mode: str | None = None) -> int:
+def compile_blocks(
+    transformer: torch.nn.Module,
+    errors: dict[str, str] | None = None,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> int:
     """Compile the ``forward`` of every repeated block; one graph per block class and shape.
 
     Each block gets a ``patches.COMPILED_FORWARD`` hook. Returns the number of blocks wrapped.
@@ -478,7 +483,7 @@ def compile_blocks(transformer: torch.nn.Module, errors: dict[str, str] | None =
     fallback = EagerFallback(type(transformer).__name__, errors)
 
     def make(eager):
-        return fallback.wrap(torch.compile(eager, fullgraph=True, dynamic=False, mode=mode), eager)
+        return fallback.wrap(torch.compile(eager, fullgraph=True, dynamic=False, mode=mode, options=options), eager)
 
     return sum(
         patches.compile_forward(module, make) for module in transformer.modules() if type(module).__name__ in names
