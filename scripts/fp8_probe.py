@@ -73,12 +73,12 @@ NO_SMOOTHING = {"fp8_no_smoothing": "fp8"}
 
 def _family(name: str) -> str:
     n = name.lower()
-    if "flash" in n or "fmha" in n or "attn" in n:
+    if n.startswith("triton"):
+        return "triton (fused elementwise, reductions, quantization)"
+    if "flash" in n or "fmha" in n:
         return "attention"
-    if any(s in n for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "scaled_mm", "cublas", "wgmma", "f8f8")):
+    if any(s in n for s in ("gemm", "nvjet", "sm90_xmma", "cublas", "wgmma")):
         return "matmul"
-    if "triton" in n:
-        return "triton (fused elementwise and reductions)"
     return "other"
 
 
