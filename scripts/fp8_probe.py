@@ -55,9 +55,18 @@ def _fp8(t: torch.nn.Module) -> None:
     _fp8_attention(t)
 
 
+def _fp8_tanh_gelu(t: torch.nn.Module) -> None:
+    """The fp8 set-up as it was before the sigmoid-form GELU."""
+    _fp8(t)
+    for module in t.modules():
+        if "gelu" in vars(module):
+            del module.gelu
+
+
 #: name -> (set-up applied to a bf16 FA3 transformer before compile, compile mode or inductor options)
 VARIANTS: dict[str, tuple[Callable[[torch.nn.Module], None], str | dict | None]] = {
     "bf16": (lambda t: None, None),
+    "fp8_tanh_gelu": (_fp8_tanh_gelu, None),
     "fp8_multi_kernel": (_fp8, {"triton.multi_kernel": 1}),
     "fp8_coordinate_descent": (_fp8, {"coordinate_descent_tuning": True}),
     "fp8": (lambda t: (fp8.quantize_block_linears(t), _fp8_attention(t)), None),
@@ -179,6 +188,10 @@ def accel_ready(layers: int) -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
     transformer = WanTransformer3DModel(**{**WAN_TRANSFORMER, "num_layers": layers}).to("cuda", torch.bfloat16).eval()
+    keep = transformer._keep_in_fp32_modules  # as from_pretrained(torch_dtype=bfloat16) leaves them
+    for name, param in transformer.named_parameters():
+        if any(part in keep for part in name.split(".")):
+            param.data = param.data.float()
     if patches.enable_fa3():
         transformer.set_attention_backend("_flash_3")
     return transformer

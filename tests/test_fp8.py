@@ -139,6 +139,22 @@ def test_processor_replaces_only_self_attention_and_is_removable():
         torch.testing.assert_close(model(**inputs)[0], before)
 
 
+def test_sigmoid_gelu_is_the_tanh_gelu_and_replaces_only_the_blocks_ones():
+    x = torch.linspace(-12.0, 12.0, 20001)
+    torch.testing.assert_close(fp8.sigmoid_gelu(x), F.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-5)
+    xb = x.bfloat16()  # computed in float32 and rounded once, as the compiled kernel does
+    assert fp8.sigmoid_gelu(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(fp8.sigmoid_gelu(xb), F.gelu(xb.float(), approximate="tanh").bfloat16())
+
+    model, inputs = small_wan()
+    with torch.inference_mode():
+        before = model(**inputs)[0]
+    assert fp8.use_sigmoid_gelu(model) == 2  # one per block's FFN
+    assert all(block.ffn.net[0].gelu is fp8.sigmoid_gelu for block in model.blocks)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**inputs)[0], before, atol=1e-5, rtol=1e-4)
+
+
 def test_fp8_falls_back_to_bf16_visibly(tiny_models, caplog):
     worker = tiny_worker(tiny_models, precision="fp8")
     # a report that an earlier bf16 model decided must not hide the fallback

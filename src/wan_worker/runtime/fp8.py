@@ -10,6 +10,10 @@
   tokens, a few percent of the time) stays bf16.
 * **Linears** of the transformer blocks: torchao's dynamic float8 activations and float8
   weights with one scale per row (``Float8DynamicActivationFloat8WeightConfig(PerRow())``).
+* **The FFN's tanh GELU** is written as ``x * sigmoid(2z)``, the same function as
+  ``0.5 x (1 + tanh(z))``. Its output is quantized per row, so the compiled kernel evaluates
+  the GELU twice per element (once for the row's maximum, once to scale it); with libdevice's
+  ``tanh`` that kernel was compute-bound, while ``sigmoid`` lowers to the fast ``exp``.
 
 The attention runs through ``FP8SelfAttnProcessor``, set with diffusers' own
 ``set_processor`` on the ``attn1`` modules only; ``disable_fp8_attention`` puts the
@@ -21,6 +25,7 @@ caller (``accel.apply_precision``) then runs bf16 and says so.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -237,9 +242,32 @@ def _block_linear(module: torch.nn.Module, fqn: str) -> bool:
 
 
 def quantize_block_linears(transformer: torch.nn.Module) -> int:
-    """torchao float8 (dynamic activations, per-row weights) for the blocks' linears; the count."""
+    """torchao float8 (dynamic activations, per-row weights) for the blocks' linears, and the
+    sigmoid form of their tanh GELUs; the number of linears."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     count = sum(1 for fqn, m in transformer.named_modules() if _block_linear(m, fqn))
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_block_linear)
+    use_sigmoid_gelu(transformer)
+    return count
+
+
+#: 2 * sqrt(2 / pi): tanh-GELU's ``z`` doubled, for the sigmoid form
+_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x, approximate="tanh")`` as ``x * sigmoid(2z)``: 0.5 (1 + tanh z) = sigmoid(2z)."""
+    xf = x.float()
+    return (xf * torch.sigmoid(_GELU_2C * xf * (1.0 + 0.044715 * xf * xf))).to(x.dtype)
+
+
+def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
+    """Give every diffusers tanh ``GELU`` of the blocks ``sigmoid_gelu``; the number changed."""
+    count = 0
+    for fqn, module in transformer.named_modules():
+        is_tanh_gelu = type(module).__name__ == "GELU" and getattr(module, "approximate", None) == "tanh"
+        if is_tanh_gelu and fqn.split(".", 1)[0] in BLOCK_PREFIXES:
+            module.gelu = sigmoid_gelu
+            count += 1
     return count
