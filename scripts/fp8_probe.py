@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from benchmarks.checkpoints import WAN_TRANSFORMER
+from benchmarks.harness import versions
 from wan_worker.runtime import accel, fp8, patches
 
 
@@ -171,7 +172,8 @@ def main() -> None:
     inputs = accel.transformer_dummy_inputs(base, args.height, args.width, args.frames, "cuda")
     with torch.inference_mode():
         ref = base(**inputs)[0].float()
-    result = {"layers": args.layers, "shape": [args.frames, args.height, args.width], "variants": {}}
+    result = {"versions": versions(), "layers": args.layers, "shape": [args.frames, args.height, args.width]}
+    result["variants"] = {}
     for name in args.variants.split(","):
         try:
             result["variants"][name] = run_variant(name, base, inputs, ref, args.reps, name in args.profile.split(","))
