@@ -17,7 +17,8 @@
 #
 # Run from the repository root: the harness is the top-level benchmarks/ package (python3 -m benchmarks).
 # usage: bash scripts/device_bench.sh [--shipped-env PINS] [bench args...]   (writes $OUT/bench.json, $OUT/bench.log)
-#        bash scripts/device_bench.sh --script FILE [args...]   (runs FILE in the same environment instead)
+#        bash scripts/device_bench.sh [--shipped-env PINS] --script FILE [args...]   (runs FILE in the same
+#        environment instead of the bench; the options in this order)
 #   --shipped-env PINS  run in a venv holding only the image's packages (PINS: scripts/check_image_deps.sh's
 #                       output), linked from this machine's Python and the payloads (scripts/shipped_env.py).
 #                       The machine's own Python has many more (scikit-learn, pandas, JAX, ...), and

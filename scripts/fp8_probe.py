@@ -2,83 +2,90 @@
 
 A transformer of the real Wan2.1-T2V-1.3B width with fewer blocks (``--layers``; each block
 costs the same, so per-block numbers scale to 30), at the job shape. Each variant starts from
-the same random weights, is compiled as the worker compiles it, and reports its first call
-(compile), the graphs dynamo built, the median forward, the relative error against eager
-bf16, and with ``--profile`` the GPU time by kernel family.
+the same random weights and is set up and compiled as the worker does it. The script reports
+each variant's first call (compile), the graphs dynamo built, the error against eager bf16,
+the forward time and, with ``--profile``, the GPU time by kernel. The forwards are timed in
+rounds, one of each variant per round, so a drifting clock affects every variant alike.
 
-usage: python scripts/fp8_probe.py [--layers 4] [--variants bf16,fp8,...] [--profile fp8,bf16]
+usage (from the repository root): bash scripts/device_bench.sh --script scripts/fp8_probe.py \
+    [--layers 4] [--variants bf16,fp8,...] [--profile fp8,bf16] [--reps 7] [--out FILE]
+(or PYTHONPATH=.:src python scripts/fp8_probe.py ...)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from benchmarks.checkpoints import WAN_TRANSFORMER
-from benchmarks.harness import versions
+from benchmarks.harness import sync, versions
 from wan_worker.runtime import accel, fp8, patches
-
-
-def _no_smoothing() -> contextlib.AbstractContextManager:
-    return _patched(fp8, "smooth_keys", lambda k: k)
-
-
-@contextlib.contextmanager
-def _patched(obj, name: str, value) -> Iterator[None]:
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
-def _tensorwise_linears(transformer: torch.nn.Module) -> None:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
-
-    quantize_(
-        transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()), filter_fn=fp8._block_linear
-    )
 
 
 def _fp8_attention(t: torch.nn.Module) -> None:
     fp8.enable_fp8_attention(t, fp8.fa3_flash_attn_func())
 
 
-def _fp8(t: torch.nn.Module) -> None:
+def _fp8_linears(t: torch.nn.Module) -> None:
     fp8.quantize_block_linears(t)
+    fp8.use_sigmoid_gelu(t)
+
+
+def _fp8(t: torch.nn.Module) -> None:
+    """What ``accel.apply_precision`` does under ``PRECISION=fp8``."""
+    _fp8_linears(t)
     _fp8_attention(t)
 
 
 def _fp8_tanh_gelu(t: torch.nn.Module) -> None:
-    """The fp8 set-up as it was before the sigmoid-form GELU."""
+    """The fp8 set-up without the sigmoid-form GELU (as it was up to runs 29 and 30)."""
+    fp8.quantize_block_linears(t)
+    _fp8_attention(t)
+
+
+def _fp8_tensorwise(t: torch.nn.Module) -> None:
+    """One scale per tensor instead of per row for the linears."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())
+    quantize_(t, config, filter_fn=fp8._block_linear)
+    fp8.use_sigmoid_gelu(t)
+    _fp8_attention(t)
+
+
+def _fp8_fused_qkv(t: torch.nn.Module) -> None:
+    t.fuse_qkv_projections()
     _fp8(t)
-    for module in t.modules():
-        if "gelu" in vars(module):
-            del module.gelu
 
 
-#: name -> (set-up applied to a bf16 FA3 transformer before compile, compile mode or inductor options)
-VARIANTS: dict[str, tuple[Callable[[torch.nn.Module], None], str | dict | None]] = {
-    "bf16": (lambda t: None, None),
-    "fp8_tanh_gelu": (_fp8_tanh_gelu, None),
-    "fp8_multi_kernel": (_fp8, {"triton.multi_kernel": 1}),
-    "fp8_coordinate_descent": (_fp8, {"coordinate_descent_tuning": True}),
-    "fp8": (lambda t: (fp8.quantize_block_linears(t), _fp8_attention(t)), None),
-    "fp8_attention_only": (_fp8_attention, None),
-    "fp8_linears_only": (fp8.quantize_block_linears, None),
-    "fp8_tensorwise": (lambda t: (_tensorwise_linears(t), _fp8_attention(t)), None),
-    "fp8_max_autotune": (lambda t: (fp8.quantize_block_linears(t), _fp8_attention(t)), "max-autotune-no-cudagraphs"),
-    "fp8_fused_qkv": (lambda t: (t.fuse_qkv_projections(), fp8.quantize_block_linears(t), _fp8_attention(t)), None),
+@dataclass(frozen=True)
+class Variant:
+    """A set-up applied to a bf16 FA3 transformer before compile, and the compile's mode or options."""
+
+    setup: Callable[[torch.nn.Module], None]
+    mode: str | None = None
+    options: dict[str, Any] | None = None
+
+
+VARIANTS: dict[str, Variant] = {
+    "bf16": Variant(lambda t: None),
+    "fp8": Variant(_fp8),
+    "fp8_tanh_gelu": Variant(_fp8_tanh_gelu),
+    "fp8_attention_only": Variant(_fp8_attention),
+    "fp8_linears_only": Variant(_fp8_linears),
+    "fp8_tensorwise": Variant(_fp8_tensorwise),
+    "fp8_fused_qkv": Variant(_fp8_fused_qkv),
+    "fp8_max_autotune": Variant(_fp8, mode="max-autotune-no-cudagraphs"),
+    "fp8_multi_kernel": Variant(_fp8, options={"triton.multi_kernel": 1}),
+    "fp8_coordinate_descent": Variant(_fp8, options={"coordinate_descent_tuning": True}),
 }
-#: variants that run with K smoothing off (patched for their compile and calls)
-NO_SMOOTHING = {"fp8_no_smoothing": "fp8"}
 
 
 def _family(name: str) -> str:
@@ -96,9 +103,10 @@ def profile(transformer: torch.nn.Module, inputs: dict) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+    with torch.inference_mode(), torch_profile(activities=[activity]) as prof:
         transformer(**inputs)
-        torch.cuda.synchronize()
+        sync()
     kernels: dict[str, float] = {}
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
@@ -115,81 +123,92 @@ def profile(transformer: torch.nn.Module, inputs: dict) -> dict:
     }
 
 
-def run_variant(name: str, base: torch.nn.Module, inputs: dict, ref: torch.Tensor, reps: int, prof: bool) -> dict:
-    import torch._dynamo
+def build(name: str, base: torch.nn.Module, inputs: dict, ref: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    """A variant's transformer, set up and compiled by its first call; what that call showed."""
     from torch._dynamo.utils import counters
 
-    source = NO_SMOOTHING.get(name, name)
-    setup, mode = VARIANTS[source]
-    smoothing = _no_smoothing() if name in NO_SMOOTHING else contextlib.nullcontext()
-    torch._dynamo.reset()
+    variant = VARIANTS[name]
     graphs_before = counters["stats"]["unique_graphs"]
     transformer = copy.deepcopy(base)
-    out: dict = {}
-    with smoothing:
-        setup(transformer)
-        options = mode if isinstance(mode, dict) else None
-        accel.compile_blocks(transformer, errors := {}, mode=None if options else mode, options=options)
-        with torch.inference_mode():
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            first = transformer(**inputs)[0]
-            torch.cuda.synchronize()
-            out["first_call_s"] = round(time.perf_counter() - started, 2)
-            times = []
-            for _ in range(reps):
+    variant.setup(transformer)
+    errors: dict[str, str] = {}
+    accel.compile_blocks(transformer, errors, mode=variant.mode, options=variant.options)
+    with torch.inference_mode():
+        sync()
+        started = time.perf_counter()
+        first = transformer(**inputs)[0]
+        sync()
+    info: dict[str, Any] = {"first_call_s": round(time.perf_counter() - started, 2)}
+    info["graphs"] = counters["stats"]["unique_graphs"] - graphs_before
+    info["rel_err_vs_eager_bf16"] = round(float((first.float() - ref).norm() / ref.norm()), 4)
+    if errors:
+        info["compile_errors"] = errors
+    return transformer, info
+
+
+def time_in_rounds(models: dict[str, torch.nn.Module], inputs: dict, reps: int) -> dict[str, list[float]]:
+    """``reps`` rounds of one forward per model, in the same order each round (seconds)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(reps):
+            for name, transformer in models.items():
+                sync()
                 started = time.perf_counter()
                 transformer(**inputs)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - started)
-        out["graphs"] = counters["stats"]["unique_graphs"] - graphs_before
-        out["forward_ms"] = round(sorted(times)[len(times) // 2] * 1e3, 2)
-        out["forward_ms_min"] = round(min(times) * 1e3, 2)
-        out["rel_err_vs_eager_bf16"] = round(float((first.float() - ref).norm() / ref.norm()), 4)
-        if errors:
-            out["compile_errors"] = errors
-        if prof:
-            out["profile"] = profile(transformer, inputs)
-    del transformer
-    torch.cuda.empty_cache()
-    return out
+                sync()
+                times[name].append(time.perf_counter() - started)
+    return times
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--variants", default="bf16,fp8")
+    p.add_argument("--variants", default="bf16,fp8", help=f"comma list of: {', '.join(VARIANTS)}")
     p.add_argument("--profile", default="bf16,fp8")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--height", type=int, default=832)
     p.add_argument("--width", type=int, default=480)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke test of the script itself (bf16 only)")
     p.add_argument("--out")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    base = accel_ready(args.layers)
-    inputs = accel.transformer_dummy_inputs(base, args.height, args.width, args.frames, "cuda")
+    base = accel_ready(args.layers, args.device)
+    inputs = accel.transformer_dummy_inputs(base, args.height, args.width, args.frames, args.device)
     with torch.inference_mode():
         ref = base(**inputs)[0].float()
-    result = {"versions": versions(), "layers": args.layers, "shape": [args.frames, args.height, args.width]}
-    result["variants"] = {}
+    result: dict[str, Any] = {"versions": versions(), "layers": args.layers}
+    result.update(shape=[args.frames, args.height, args.width], variants={})
+    models: dict[str, torch.nn.Module] = {}
     for name in args.variants.split(","):
         try:
-            result["variants"][name] = run_variant(name, base, inputs, ref, args.reps, name in args.profile.split(","))
+            models[name], result["variants"][name] = build(name, base, inputs, ref)
         except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
             result["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+            torch.cuda.empty_cache()
         print(name, json.dumps(result["variants"][name]), flush=True)
+    for name, seconds in time_in_rounds(models, inputs, args.reps).items():
+        ordered = sorted(seconds)
+        forward = {
+            "forward_ms": round(ordered[len(ordered) // 2] * 1e3, 2),
+            "forward_ms_min": round(ordered[0] * 1e3, 2),
+        }
+        result["variants"][name].update(forward)
+        print(name, json.dumps(forward), flush=True)
+    for name in args.profile.split(","):
+        if name in models:
+            result["variants"][name]["profile"] = profile(models[name], inputs)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
 
-def accel_ready(layers: int) -> torch.nn.Module:
-    """The real-width transformer with ``layers`` blocks, bf16 on the GPU, FA3 as its backend."""
+def accel_ready(layers: int, device: str) -> torch.nn.Module:
+    """The real-width transformer with ``layers`` blocks, bf16 on ``device``, FA3 as its backend where it loads."""
     from diffusers import WanTransformer3DModel
 
-    transformer = WanTransformer3DModel(**{**WAN_TRANSFORMER, "num_layers": layers}).to("cuda", torch.bfloat16).eval()
+    transformer = WanTransformer3DModel(**{**WAN_TRANSFORMER, "num_layers": layers}).to(device, torch.bfloat16).eval()
     keep = transformer._keep_in_fp32_modules  # as from_pretrained(torch_dtype=bfloat16) leaves them
     for name, param in transformer.named_parameters():
         if any(part in keep for part in name.split(".")):

@@ -139,20 +139,64 @@ def test_processor_replaces_only_self_attention_and_is_removable():
         torch.testing.assert_close(model(**inputs)[0], before)
 
 
-def test_sigmoid_gelu_is_the_tanh_gelu_and_replaces_only_the_blocks_ones():
+def traced(fn, *args):
+    """``fn`` through dynamo with ``fullgraph`` (eager backend): the graph's call targets and the output."""
+    targets: list = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return targets, out
+
+
+def test_sigmoid_gelu_compiles_to_the_sigmoid_form_of_the_same_function():
     x = torch.linspace(-12.0, 12.0, 20001)
-    torch.testing.assert_close(fp8.sigmoid_gelu(x), F.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-5)
-    xb = x.bfloat16()  # computed in float32 and rounded once, as the compiled kernel does
-    assert fp8.sigmoid_gelu(xb).dtype == torch.bfloat16
-    torch.testing.assert_close(fp8.sigmoid_gelu(xb), F.gelu(xb.float(), approximate="tanh").bfloat16())
+    assert torch.equal(fp8.sigmoid_gelu(x), F.gelu(x, approximate="tanh"))  # eager: F.gelu itself, one kernel
+    for dtype, tolerance in ((torch.float32, {"atol": 2e-6, "rtol": 1e-5}), (torch.bfloat16, {})):
+        targets, out = traced(fp8.sigmoid_gelu, x.to(dtype))
+        assert any("sigmoid" in t for t in targets) and not any("gelu" in t for t in targets)
+        assert out.dtype == dtype  # float32 inside, rounded once
+        torch.testing.assert_close(out, F.gelu(x.to(dtype).float(), approximate="tanh").to(dtype), **tolerance)
+
+
+def test_use_sigmoid_gelu_swaps_the_blocks_ffn_gelus_once():
+    from diffusers import WanVACETransformer3DModel
 
     model, inputs = small_wan()
     with torch.inference_mode():
         before = model(**inputs)[0]
     assert fp8.use_sigmoid_gelu(model) == 2  # one per block's FFN
+    assert fp8.use_sigmoid_gelu(model) == 0  # idempotent
     assert all(block.ffn.net[0].gelu is fp8.sigmoid_gelu for block in model.blocks)
+    # the text embedder's torch.nn.GELU(approximate="tanh") is outside the blocks and stays
+    assert "gelu" not in vars(model.condition_embedder.text_embedder.act_1)
     with torch.inference_mode():
-        torch.testing.assert_close(model(**inputs)[0], before, atol=1e-5, rtol=1e-4)
+        assert torch.equal(model(**inputs)[0], before)  # eager calls are unchanged
+    ffn = model.blocks[0].ffn
+    hidden = torch.randn(1, 8, ffn.net[0].proj.in_features)
+    targets, out = traced(ffn, hidden)
+    assert any("sigmoid" in t for t in targets)
+    with torch.inference_mode():
+        torch.testing.assert_close(out, ffn(hidden), atol=1e-5, rtol=1e-4)
+
+    vace = WanVACETransformer3DModel(**{**model.config, "vace_layers": [0], "vace_in_channels": 8})
+    assert fp8.use_sigmoid_gelu(vace) == 3  # two blocks and one VACE block
+
+
+def test_fp8_set_up_swaps_the_gelus_and_says_so(tiny_models, monkeypatch):
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)  # as on a Hopper GPU with both wheels
+    monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: reference_flash_attn_func([]))
+    monkeypatch.setattr(fp8, "quantize_block_linears", lambda transformer: 0)  # torchao's float8 needs a GPU
+    worker = tiny_worker(tiny_models, precision="fp8")
+    transformer = worker.manager.pipeline("t2v").transformer
+    status = accel.precision_status(worker.manager.accel, worker.settings)
+    assert status["applied"] == "fp8"
+    assert status["modules"]["WanTransformer3DModel"]["sigmoid_gelu"] == len(transformer.blocks)
+    assert all(block.ffn.net[0].gelu is fp8.sigmoid_gelu for block in transformer.blocks)
 
 
 def test_fp8_falls_back_to_bf16_visibly(tiny_models, caplog):

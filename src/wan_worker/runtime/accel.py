@@ -325,6 +325,7 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings, report: Ac
     counts = precision.modules
     try:
         linears = fp8.quantize_block_linears(transformer)
+        gelus = fp8.use_sigmoid_gelu(transformer)
         attention = fp8.enable_fp8_attention(transformer, fp8.fa3_flash_attn_func())
     except Exception as exc:  # noqa: BLE001 - FP8 is an optimisation: this transformer stays bf16
         fp8.disable_fp8_attention(transformer)
@@ -338,6 +339,7 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings, report: Ac
     counts[type(transformer).__name__] = {
         "fp8_self_attention": attention,
         "float8_linears": linears,
+        "sigmoid_gelu": gelus,
         "seconds": round(time.perf_counter() - started, 2),
     }
     return "fp8"
@@ -473,6 +475,8 @@ def compile_blocks(
     options: dict[str, Any] | None = None,
 ) -> int:
     """Compile the ``forward`` of every repeated block; one graph per block class and shape.
+
+    ``mode`` or ``options`` (inductor settings) go to ``torch.compile``, which takes one or the other.
 
     Each block gets a ``patches.COMPILED_FORWARD`` hook. Returns the number of blocks wrapped.
     Idempotent. A compile failure leaves the blocks eager (``EagerFallback``) and is recorded

@@ -10,7 +10,7 @@
   tokens, a few percent of the time) stays bf16.
 * **Linears** of the transformer blocks: torchao's dynamic float8 activations and float8
   weights with one scale per row (``Float8DynamicActivationFloat8WeightConfig(PerRow())``).
-* **The FFN's tanh GELU** is written as ``x * sigmoid(2z)``, the same function as
+* **The FFN's tanh GELU** is compiled as ``x * sigmoid(2z)``, the same function as
   ``0.5 x (1 + tanh(z))``. Its output is quantized per row, so the compiled kernel evaluates
   the GELU twice per element (once for the row's maximum, once to scale it); with libdevice's
   ``tanh`` that kernel was compute-bound, while ``sigmoid`` lowers to the fast ``exp``.
@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 #: Largest finite float8_e4m3fn value.
 FP8_MAX = 448.0
@@ -242,32 +243,39 @@ def _block_linear(module: torch.nn.Module, fqn: str) -> bool:
 
 
 def quantize_block_linears(transformer: torch.nn.Module) -> int:
-    """torchao float8 (dynamic activations, per-row weights) for the blocks' linears, and the
-    sigmoid form of their tanh GELUs; the number of linears."""
+    """torchao float8 (dynamic activations, per-row weights) for the blocks' linears; the count."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     count = sum(1 for fqn, m in transformer.named_modules() if _block_linear(m, fqn))
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_block_linear)
-    use_sigmoid_gelu(transformer)
     return count
 
 
-#: 2 * sqrt(2 / pi): tanh-GELU's ``z`` doubled, for the sigmoid form
+#: tanh-GELU's coefficient of z, sqrt(2 / pi), doubled for the sigmoid form
 _GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
-    """``F.gelu(x, approximate="tanh")`` as ``x * sigmoid(2z)``: 0.5 (1 + tanh z) = sigmoid(2z)."""
-    xf = x.float()
+    """``F.gelu(x, approximate="tanh")``, written as ``x * sigmoid(2z)`` when compiled.
+
+    0.5 (1 + tanh z) = sigmoid(2z): the same function (the last bit of rounding aside). Eager
+    calls keep ``F.gelu``: one kernel, where the sigmoid form would be several with float32
+    temporaries of the FFN's full width.
+    """
+    if not torch.compiler.is_compiling():
+        return F.gelu(x, approximate="tanh")
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * torch.sigmoid(_GELU_2C * xf * (1.0 + 0.044715 * xf * xf))).to(x.dtype)
 
 
 def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
-    """Give every diffusers tanh ``GELU`` of the blocks ``sigmoid_gelu``; the number changed."""
+    """Give every tanh ``GELU`` of the blocks' FFNs ``sigmoid_gelu`` (idempotent); the number changed."""
+    from diffusers.models.activations import GELU
+
     count = 0
     for fqn, module in transformer.named_modules():
-        is_tanh_gelu = type(module).__name__ == "GELU" and getattr(module, "approximate", None) == "tanh"
-        if is_tanh_gelu and fqn.split(".", 1)[0] in BLOCK_PREFIXES:
+        swap = isinstance(module, GELU) and module.approximate == "tanh" and fqn.split(".", 1)[0] in BLOCK_PREFIXES
+        if swap and vars(module).get("gelu") is not sigmoid_gelu:
             module.gelu = sigmoid_gelu
             count += 1
     return count
