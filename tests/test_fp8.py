@@ -4,6 +4,8 @@ processor's plumbing on a small Wan transformer, and the visible bf16 fallback."
 from __future__ import annotations
 
 import logging
+import sys
+import types
 
 import pytest
 import torch
@@ -197,6 +199,46 @@ def test_fp8_set_up_swaps_the_gelus_and_says_so(tiny_models, monkeypatch):
     assert status["applied"] == "fp8"
     assert status["modules"]["WanTransformer3DModel"]["sigmoid_gelu"] == len(transformer.blocks)
     assert all(block.ffn.net[0].gelu is fp8.sigmoid_gelu for block in transformer.blocks)
+
+
+def fake_torchao(monkeypatch) -> list:
+    """``torchao.quantization`` as far as ``fp8.py`` uses it (its float8 needs a GPU): the configs it is given."""
+    configs: list = []
+    module = types.ModuleType("torchao.quantization")
+    module.Float8DynamicActivationFloat8WeightConfig = lambda **kwargs: configs.append(kwargs) or kwargs
+    module.PerRow = lambda: "per-row"
+    module.quantize_ = lambda model, config, filter_fn=None: None
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", module)
+    return configs
+
+
+def test_float8_set_up_leaves_the_process_inductor_settings_alone(monkeypatch):
+    configs = fake_torchao(monkeypatch)
+    model, _ = small_wan()
+    assert fp8.quantize_block_linears(model) == 20  # 2 blocks x (4 self-, 4 cross-attention, 2 FFN)
+    assert fp8.probe_linear("cpu") is None
+    # torchao's default (set_inductor_config=True) turns on coordinate-descent tuning for every later compile
+    assert [c["set_inductor_config"] for c in configs] == [False, False]
+    assert all(c["granularity"] == "per-row" for c in configs)
+
+
+def test_fp8_blocks_compile_with_the_tuning_settings_and_bf16_without(tiny_models, monkeypatch):
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: reference_flash_attn_func([]))
+    monkeypatch.setattr(fp8, "quantize_block_linears", lambda transformer: 0)
+    seen: list = []
+
+    def compile_blocks(transformer, errors=None, mode=None, options=None):
+        seen.append(options)
+        return 0
+
+    monkeypatch.setattr(accel, "compile_blocks", compile_blocks)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # compile is CUDA only
+    for precision in ("fp8", "bf16"):
+        settings = tiny_settings(tiny_models, precision=precision, attention_backend="native")
+        accel.optimize_transformer(small_wan()[0], settings, accel.AccelReport())
+    assert seen == [fp8.INDUCTOR_OPTIONS, None]
 
 
 def test_fp8_falls_back_to_bf16_visibly(tiny_models, caplog):

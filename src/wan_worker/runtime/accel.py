@@ -507,7 +507,12 @@ def optimize_transformer(transformer: torch.nn.Module, settings: Settings, repor
         except Exception as exc:  # noqa: BLE001
             info.fused_qkv = f"failed: {type(exc).__name__}: {exc}"[:200]
     if settings.compile_transformer and torch.cuda.is_available():
-        info.compiled_blocks = compile_blocks(transformer, report.compile_errors)
+        options = None
+        if info.precision == "fp8":
+            from wan_worker.runtime import fp8
+
+            options = fp8.INDUCTOR_OPTIONS
+        info.compiled_blocks = compile_blocks(transformer, report.compile_errors, options=options)
     return info
 
 

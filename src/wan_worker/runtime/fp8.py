@@ -37,6 +37,12 @@ import torch.nn.functional as F
 FP8_MAX = 448.0
 #: Prefixes of the transformer's repeated blocks (T2V and VACE) whose linears go float8.
 BLOCK_PREFIXES = ("blocks", "vace_blocks")
+#: The inductor settings torchao's float8 set-up applies process-wide by default (its
+#: ``recommended_inductor_config_setter``, never undone), which made every later compile of
+#: the process (the VAE's, Qwen's) tune its kernels too: the VAE's warm-up went from 16 s to
+#: 85 s. The set-up now leaves the process alone, and the blocks' compile takes these
+#: settings itself: the fp8 numbers were measured with them.
+INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 
 
 # -- quantization (pure torch; runs on CPU too) ------------------------------------------------
@@ -145,7 +151,7 @@ def probe_linear(device: str) -> str | None:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
         layer = torch.nn.Sequential(torch.nn.Linear(256, 256)).to(device, torch.bfloat16)
-        quantize_(layer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        quantize_(layer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
         with torch.inference_mode():
             layer(torch.randn(64, 256, device=device, dtype=torch.bfloat16))
     except Exception as exc:  # noqa: BLE001 - any failure means: not here
@@ -247,7 +253,8 @@ def quantize_block_linears(transformer: torch.nn.Module) -> int:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     count = sum(1 for fqn, m in transformer.named_modules() if _block_linear(m, fqn))
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_block_linear)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(transformer, config, filter_fn=_block_linear)
     return count
 
 
