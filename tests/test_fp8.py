@@ -305,6 +305,22 @@ def test_step_cache_works_with_the_fp8_processor():
     torch.testing.assert_close(second, first)
 
 
+def test_an_fp8_attention_failure_after_the_linears_is_reported_as_mixed(tiny_models, monkeypatch):
+    monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(fp8, "quantize_block_linears", lambda transformer: 20)  # torchao's float8 needs a GPU
+
+    def broken(transformer, flash_attn_func):
+        raise RuntimeError("FA3 built for another torch")
+
+    monkeypatch.setattr(fp8, "enable_fp8_attention", broken)
+    worker = tiny_worker(tiny_models, precision="fp8")
+    worker.manager.pipeline("t2v")
+    status = accel.precision_status(worker.manager.accel, worker.settings)
+    # the float8 linears can't be undone: the transformer is not bf16, and health says so
+    assert status["applied"] == "mixed" and "FA3 built for another torch" in status["reason"]
+    assert status["modules"]["WanTransformer3DModel"]["float8_linears"] == 20
+
+
 def test_a_failing_fp8_set_up_leaves_the_transformer_bf16_and_says_so(tiny_models, monkeypatch):
     monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)  # as on a Hopper GPU with both wheels
     monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: reference_flash_attn_func([]))

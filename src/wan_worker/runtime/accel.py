@@ -323,6 +323,7 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings, report: Ac
     if precision.modules is None:
         precision.modules = {}
     counts = precision.modules
+    linears = 0
     try:
         linears = fp8.quantize_block_linears(transformer)
         gelus = fp8.use_sigmoid_gelu(transformer)
@@ -330,12 +331,13 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings, report: Ac
     except Exception as exc:  # noqa: BLE001 - FP8 is an optimisation: this transformer stays bf16
         fp8.disable_fp8_attention(transformer)
         reason = f"fp8 set-up failed for {type(transformer).__name__}: {type(exc).__name__}: {str(exc)[:200]}"
-        # health tells the truth: bf16 unless an earlier transformer already runs fp8
+        # health tells the truth: float8 linears already set up stay (torchao can't undo them), so
+        # "mixed" when they or an earlier transformer run fp8, else bf16
         earlier_fp8 = any("error" not in v for v in counts.values())
-        precision.applied, precision.reason = ("mixed" if earlier_fp8 else "bf16"), reason
-        counts[type(transformer).__name__] = {"error": reason}
-        log.warning("PRECISION=fp8 set-up failed; this transformer runs bf16", extra={"reason": reason})
-        return "bf16"
+        precision.applied, precision.reason = ("mixed" if earlier_fp8 or linears else "bf16"), reason
+        counts[type(transformer).__name__] = {"error": reason, **({"float8_linears": linears} if linears else {})}
+        log.warning("PRECISION=fp8 set-up failed", extra={"reason": reason, "float8_linears": linears})
+        return "mixed" if linears else "bf16"
     counts[type(transformer).__name__] = {
         "fp8_self_attention": attention,
         "float8_linears": linears,
