@@ -114,6 +114,13 @@ def bench_job(width: int, height: int, frames: int, steps: int, **extra) -> dict
     return job
 
 
+def warm_job(worker, width: int, height: int, frames: int) -> dict[str, Any]:
+    """A 2-step ``video_fast`` job at the shape, so the measured jobs pay no first-call costs
+    (cuBLAS and cuDNN handles, the text encoder's first call): what a warm worker's job costs."""
+    warm = run_job(worker, bench_job(width, height, frames, 2, id="warm"))
+    return {k: warm[k] for k in ("status", "total_s", "error") if k in warm}
+
+
 def turbo_job(width: int, height: int, frames: int, kind: str, **extra) -> dict[str, Any]:
     """``quality: "turbo"`` (its distilled 3 steps, no CFG) at the benchmark shape."""
     job: dict[str, Any] = {

@@ -24,7 +24,7 @@ from .harness import (
     sync,
     tokens_for,
 )
-from .jobs import run_job
+from .jobs import run_job, warm_job
 
 
 def reference(ctx: Context) -> dict[str, Any]:
@@ -106,7 +106,7 @@ def worker_runs(ctx: Context) -> dict[str, Any]:
     worker, info = ctx.new_worker()
     res: dict[str, Any] = {"load_s": info["load_s"], "warm_compile_s": info["warm_compile_s"]}
     pipe = worker.manager.pipeline("t2v")
-    res["warm_job"] = _warm_job(ctx, worker)
+    res["warm_job"] = warm_job(worker, ctx.width, ctx.height, ctx.frames)
 
     if ctx.frames_ref is None and (ctx.work / "reference_frames.npy").exists():
         ctx.frames_ref = np.load(ctx.work / "reference_frames.npy").astype(np.float32)
@@ -126,7 +126,7 @@ def worker_runs(ctx: Context) -> dict[str, Any]:
         # STEP_CACHE_THRESHOLD is process-wide: another threshold gets a warm worker of its own
         runner, own = (worker, None) if threshold == default else ctx.new_worker(step_cache_threshold=threshold)
         if own is not None and not ctx.tiny:  # --tiny compiles nothing: no first-call costs to absorb
-            own["warm_job"] = _warm_job(ctx, runner)
+            own["warm_job"] = warm_job(runner, ctx.width, ctx.height, ctx.frames)
         run = run_job(runner, ctx.job(id=f"cached-{threshold:g}", step_cache="on"))
         frames = run.pop("_frames", None)
         run["psnr_vs_uncached_db"] = psnr(frames, ctx.frames_worker)
@@ -149,9 +149,3 @@ def worker_runs(ctx: Context) -> dict[str, Any]:
         res["s3_log_tail"] = (ctx.s3.data_dir / "weed.log").read_text(errors="replace")[-3000:]
     ctx.worker, ctx.worker_origin = worker, "the worker section's (warm)"
     return res
-
-
-def _warm_job(ctx: Context, worker) -> dict[str, Any]:
-    """A short job first, so the measured jobs pay no remaining first-call costs."""
-    warm = run_job(worker, ctx.job(id="warm", config={"num_inference_steps": 2, "sample_shift": 5.0}))
-    return {k: warm[k] for k in ("status", "total_s", "error") if k in warm}
