@@ -37,8 +37,9 @@ def fp8(ctx: Context) -> dict[str, Any]:
     bf16, fp8 = runs.get("bf16", {}), runs.get("fp8", {})
     out["fp8_applied"] = (fp8.get("precision") or {}).get("applied") == "fp8"
     if not out["fp8_applied"]:
-        reason = (fp8.get("precision") or {}).get("reason")
-        out["note"] = f"fp8 was not applied ({reason}): both runs are bf16"
+        precision = fp8.get("precision") or {}
+        what = "partly (mixed)" if precision.get("applied") == "mixed" else "bf16"
+        out["note"] = f"fp8 was not applied ({precision.get('reason')}): the fp8 run is {what}"
     if "bf16" in frames and "fp8" in frames:
         out["psnr_fp8_vs_bf16_db"] = psnr(frames["fp8"], frames["bf16"])
         value = out["psnr_fp8_vs_bf16_db"]

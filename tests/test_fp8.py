@@ -204,8 +204,15 @@ def test_fp8_set_up_swaps_the_gelus_and_says_so(tiny_models, monkeypatch):
 def fake_torchao(monkeypatch) -> list:
     """``torchao.quantization`` as far as ``fp8.py`` uses it (its float8 needs a GPU): the configs it is given."""
     configs: list = []
+
+    def config(**kwargs):
+        if kwargs.get("set_inductor_config", True):  # torchao's recommended_inductor_config_setter
+            torch._inductor.config.coordinate_descent_tuning = True
+        configs.append(kwargs)
+        return kwargs
+
     module = types.ModuleType("torchao.quantization")
-    module.Float8DynamicActivationFloat8WeightConfig = lambda **kwargs: configs.append(kwargs) or kwargs
+    module.Float8DynamicActivationFloat8WeightConfig = config
     module.PerRow = lambda: "per-row"
     module.quantize_ = lambda model, config, filter_fn=None: None
     monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
@@ -214,31 +221,55 @@ def fake_torchao(monkeypatch) -> list:
 
 
 def test_float8_set_up_leaves_the_process_inductor_settings_alone(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)  # restored after the test
     configs = fake_torchao(monkeypatch)
     model, _ = small_wan()
     assert fp8.quantize_block_linears(model) == 20  # 2 blocks x (4 self-, 4 cross-attention, 2 FFN)
     assert fp8.probe_linear("cpu") is None
-    # torchao's default (set_inductor_config=True) turns on coordinate-descent tuning for every later compile
-    assert [c["set_inductor_config"] for c in configs] == [False, False]
-    assert all(c["granularity"] == "per-row" for c in configs)
+    # torchao's default would turn on coordinate-descent tuning for every later compile (the VAE's too)
+    assert inductor_config.coordinate_descent_tuning is False
+    assert len(configs) == 2 and all(c["granularity"] == "per-row" for c in configs)
+
+
+def mark_float8(transformer: torch.nn.Module, limit: int | None = None, then: Exception | None = None) -> int:
+    """Stands in for torchao's float8 conversion (GPU only): the block linears' weights gain
+    ``qdata`` as a ``Float8Tensor`` has; after ``limit`` of them it raises ``then``."""
+    done = 0
+    for fqn, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and fqn.split(".", 1)[0] in fp8.BLOCK_PREFIXES:
+            if limit is not None and done == limit:
+                raise then
+            module.weight.qdata = module.weight.data
+            done += 1
+    return done
 
 
 def test_fp8_blocks_compile_with_the_tuning_settings_and_bf16_without(tiny_models, monkeypatch):
     monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)
     monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: reference_flash_attn_func([]))
-    monkeypatch.setattr(fp8, "quantize_block_linears", lambda transformer: 0)
+    monkeypatch.setattr(fp8, "quantize_block_linears", mark_float8)
     seen: list = []
 
     def compile_blocks(transformer, errors=None, mode=None, options=None):
         seen.append(options)
         return 0
 
+    def broken(transformer, flash_attn_func):
+        raise RuntimeError("FA3 built for another torch")
+
+    cases = [("fp8", fp8.enable_fp8_attention, small_wan()[0]), ("fp8", broken, small_wan()[0])]
+    cases.append(("bf16", broken, small_wan()[0]))
     monkeypatch.setattr(accel, "compile_blocks", compile_blocks)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # compile is CUDA only
-    for precision in ("fp8", "bf16"):
+    precisions = []
+    for precision, attention, model in cases:
+        monkeypatch.setattr(fp8, "enable_fp8_attention", attention)
         settings = tiny_settings(tiny_models, precision=precision, attention_backend="native")
-        accel.optimize_transformer(small_wan()[0], settings, accel.AccelReport())
-    assert seen == [fp8.INDUCTOR_OPTIONS, None]
+        precisions.append(accel.optimize_transformer(model, settings, accel.AccelReport()).precision)
+    assert precisions == ["fp8", "mixed", "bf16"]
+    assert seen == [fp8.INDUCTOR_OPTIONS, fp8.INDUCTOR_OPTIONS, None]  # float8 linears compile tuned
 
 
 def test_fp8_falls_back_to_bf16_visibly(tiny_models, caplog):
@@ -305,20 +336,29 @@ def test_step_cache_works_with_the_fp8_processor():
     torch.testing.assert_close(second, first)
 
 
-def test_an_fp8_attention_failure_after_the_linears_is_reported_as_mixed(tiny_models, monkeypatch):
+@pytest.mark.parametrize("where", ["attention", "halfway through the linears"])
+def test_an_fp8_set_up_failing_after_float8_linears_is_reported_as_mixed(tiny_models, monkeypatch, where):
     monkeypatch.setattr(fp8, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(fp8, "quantize_block_linears", lambda transformer: 20)  # torchao's float8 needs a GPU
+    monkeypatch.setattr(fp8, "fa3_flash_attn_func", lambda: reference_flash_attn_func([]))
+    error = RuntimeError("FA3 built for another torch" if where == "attention" else "CUDA out of memory")
+    if where == "attention":
+        monkeypatch.setattr(fp8, "quantize_block_linears", mark_float8)
 
-    def broken(transformer, flash_attn_func):
-        raise RuntimeError("FA3 built for another torch")
+        def broken(transformer, flash_attn_func):
+            raise error
 
-    monkeypatch.setattr(fp8, "enable_fp8_attention", broken)
+        monkeypatch.setattr(fp8, "enable_fp8_attention", broken)
+    else:
+        monkeypatch.setattr(fp8, "quantize_block_linears", lambda t: mark_float8(t, limit=3, then=error))
     worker = tiny_worker(tiny_models, precision="fp8")
-    worker.manager.pipeline("t2v")
+    transformer = worker.manager.pipeline("t2v").transformer
     status = accel.precision_status(worker.manager.accel, worker.settings)
-    # the float8 linears can't be undone: the transformer is not bf16, and health says so
-    assert status["applied"] == "mixed" and "FA3 built for another torch" in status["reason"]
-    assert status["modules"]["WanTransformer3DModel"]["float8_linears"] == 20
+    # float8 linears can't be undone: the transformer is not bf16, and health says so
+    assert status["applied"] == "mixed" and str(error) in status["reason"]
+    expected = 3 if where != "attention" else fp8.float8_linear_count(transformer)
+    assert expected >= 3 and status["modules"]["WanTransformer3DModel"]["float8_linears"] == expected
+    assert [t["precision"] for t in worker.manager.accel.as_dict()["transformers"]] == ["mixed"]
+    assert all(not isinstance(m.processor, fp8.FP8SelfAttnProcessor) for m in fp8.self_attention_modules(transformer))
 
 
 def test_a_failing_fp8_set_up_leaves_the_transformer_bf16_and_says_so(tiny_models, monkeypatch):

@@ -323,16 +323,17 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings, report: Ac
     if precision.modules is None:
         precision.modules = {}
     counts = precision.modules
-    linears = 0
     try:
         linears = fp8.quantize_block_linears(transformer)
         gelus = fp8.use_sigmoid_gelu(transformer)
         attention = fp8.enable_fp8_attention(transformer, fp8.fa3_flash_attn_func())
-    except Exception as exc:  # noqa: BLE001 - FP8 is an optimisation: this transformer stays bf16
+    except Exception as exc:  # noqa: BLE001 - FP8 is an optimisation: fall back as far as possible
         fp8.disable_fp8_attention(transformer)
         reason = f"fp8 set-up failed for {type(transformer).__name__}: {type(exc).__name__}: {str(exc)[:200]}"
-        # health tells the truth: float8 linears already set up stay (torchao can't undo them), so
-        # "mixed" when they or an earlier transformer run fp8, else bf16
+        # health tells the truth: float8 linears already set up stay (torchao can't undo them,
+        # and a quantization can fail halfway), so "mixed" when there are any here or an
+        # earlier transformer runs fp8; else bf16
+        linears = fp8.float8_linear_count(transformer)
         earlier_fp8 = any("error" not in v for v in counts.values())
         precision.applied, precision.reason = ("mixed" if earlier_fp8 or linears else "bf16"), reason
         counts[type(transformer).__name__] = {"error": reason, **({"float8_linears": linears} if linears else {})}
@@ -510,7 +511,7 @@ def optimize_transformer(transformer: torch.nn.Module, settings: Settings, repor
             info.fused_qkv = f"failed: {type(exc).__name__}: {exc}"[:200]
     if settings.compile_transformer and torch.cuda.is_available():
         options = None
-        if info.precision == "fp8":
+        if info.precision != "bf16":  # fp8, or mixed: float8 linears either way
             from wan_worker.runtime import fp8
 
             options = fp8.INDUCTOR_OPTIONS

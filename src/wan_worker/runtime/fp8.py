@@ -258,6 +258,12 @@ def quantize_block_linears(transformer: torch.nn.Module) -> int:
     return count
 
 
+def float8_linear_count(transformer: torch.nn.Module) -> int:
+    """Linears whose weight torchao has made float8 (its ``Float8Tensor`` keeps ``qdata``; its
+    ``dtype`` still reads bf16): what a failed set-up leaves behind."""
+    return sum(1 for m in transformer.modules() if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "qdata"))
+
+
 #: tanh-GELU's coefficient of z, sqrt(2 / pi), doubled for the sigmoid form
 _GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
 
