@@ -197,8 +197,15 @@ def test_fp8_set_up_swaps_the_gelus_and_says_so(tiny_models, monkeypatch):
     transformer = worker.manager.pipeline("t2v").transformer
     status = accel.precision_status(worker.manager.accel, worker.settings)
     assert status["applied"] == "fp8"
-    assert status["modules"]["WanTransformer3DModel"]["sigmoid_gelu"] == len(transformer.blocks)
+    assert status["modules"]["transformer"]["sigmoid_gelu"] == len(transformer.blocks)
     assert all(block.ffn.net[0].gelu is fp8.sigmoid_gelu for block in transformer.blocks)
+    # the turbo transformer has the T2V one's class: each keeps its own entry, by role
+    worker.manager.pipeline("turbo")
+    worker.manager.pipeline("vace")
+    status = accel.precision_status(worker.manager.accel, worker.settings)
+    assert set(status["modules"]) == {"transformer", "turbo_transformer", "vace_transformer"}
+    roles = [t["role"] for t in worker.manager.accel.as_dict()["transformers"]]
+    assert roles == ["transformer", "turbo_transformer", "vace_transformer"]
 
 
 def fake_torchao(monkeypatch) -> list:
@@ -356,7 +363,7 @@ def test_an_fp8_set_up_failing_after_float8_linears_is_reported_as_mixed(tiny_mo
     # float8 linears can't be undone: the transformer is not bf16, and health says so
     assert status["applied"] == "mixed" and str(error) in status["reason"]
     expected = 3 if where != "attention" else fp8.float8_linear_count(transformer)
-    assert expected >= 3 and status["modules"]["WanTransformer3DModel"]["float8_linears"] == expected
+    assert expected >= 3 and status["modules"]["transformer"]["float8_linears"] == expected
     assert [t["precision"] for t in worker.manager.accel.as_dict()["transformers"]] == ["mixed"]
     assert all(not isinstance(m.processor, fp8.FP8SelfAttnProcessor) for m in fp8.self_attention_modules(transformer))
 

@@ -66,7 +66,7 @@ def _set(**items: Any) -> dict[str, Any]:
 
 @dataclass
 class PrecisionReport:
-    """What ``PRECISION`` asked for, what runs, why not, and what each transformer got."""
+    """What ``PRECISION`` asked for, what runs, why not, and what each transformer got (by role)."""
 
     requested: str
     applied: str
@@ -82,6 +82,7 @@ class TransformerAccel:
     """What ``optimize_transformer`` did to one transformer."""
 
     class_name: str
+    role: str = "transformer"  # the model manager's name for it: transformer, vace_transformer, ...
     attention_backend: str | None = None
     precision: str | None = None
     fused_qkv: bool | str | None = None  # True, or "failed: ..."
@@ -90,6 +91,7 @@ class TransformerAccel:
     def as_dict(self) -> dict[str, Any]:
         return {
             "class": self.class_name,
+            "role": self.role,
             "attention_backend": self.attention_backend,
             "precision": self.precision,
             **_set(fused_qkv=self.fused_qkv, compiled_blocks=self.compiled_blocks),
@@ -301,7 +303,9 @@ def _set_backend(transformer: torch.nn.Module, backend: str | None, report: Acce
 # -- precision ---------------------------------------------------------------------------------------
 
 
-def apply_precision(transformer: torch.nn.Module, settings: Settings, report: AccelReport) -> str:
+def apply_precision(
+    transformer: torch.nn.Module, settings: Settings, report: AccelReport, role: str = "transformer"
+) -> str:
     """``PRECISION=fp8``: FP8 self-attention and float8 block linears (``fp8.py``); the precision
     this transformer runs in. Where FP8 can't run (no Hopper GPU, no FA3 wheel, no torchao) it
     stays bf16, logs one warning per report, and ``report.precision`` says why."""
@@ -329,17 +333,17 @@ def apply_precision(transformer: torch.nn.Module, settings: Settings, report: Ac
         attention = fp8.enable_fp8_attention(transformer, fp8.fa3_flash_attn_func())
     except Exception as exc:  # noqa: BLE001 - FP8 is an optimisation: fall back as far as possible
         fp8.disable_fp8_attention(transformer)
-        reason = f"fp8 set-up failed for {type(transformer).__name__}: {type(exc).__name__}: {str(exc)[:200]}"
+        reason = f"fp8 set-up failed for {role} ({type(transformer).__name__}): {type(exc).__name__}: {str(exc)[:200]}"
         # health tells the truth: float8 linears already set up stay (torchao can't undo them,
         # and a quantization can fail halfway), so "mixed" when there are any here or an
         # earlier transformer runs fp8; else bf16
         linears = fp8.float8_linear_count(transformer)
         earlier_fp8 = any("error" not in v for v in counts.values())
         precision.applied, precision.reason = ("mixed" if earlier_fp8 or linears else "bf16"), reason
-        counts[type(transformer).__name__] = {"error": reason, **({"float8_linears": linears} if linears else {})}
+        counts[role] = {"error": reason, **({"float8_linears": linears} if linears else {})}
         log.warning("PRECISION=fp8 set-up failed", extra={"reason": reason, "float8_linears": linears})
         return "mixed" if linears else "bf16"
-    counts[type(transformer).__name__] = {
+    counts[role] = {
         "fp8_self_attention": attention,
         "float8_linears": linears,
         "sigmoid_gelu": gelus,
@@ -497,12 +501,15 @@ def compile_blocks(
     )
 
 
-def optimize_transformer(transformer: torch.nn.Module, settings: Settings, report: AccelReport) -> TransformerAccel:
-    """Apply the attention backend, fused QKV and regional compile to a Wan transformer. The
-    backend and precision are decided once per ``report``; compile errors go to it."""
-    info = TransformerAccel(type(transformer).__name__)
+def optimize_transformer(
+    transformer: torch.nn.Module, settings: Settings, report: AccelReport, role: str = "transformer"
+) -> TransformerAccel:
+    """Apply the attention backend, precision, fused QKV and regional compile to a Wan
+    transformer. The backend and precision are decided once per ``report``; compile errors go
+    to it. ``role`` names the transformer in the report (the T2V and turbo ones share a class)."""
+    info = TransformerAccel(type(transformer).__name__, role)
     info.attention_backend = _set_backend(transformer, resolve_attention_backend(settings, report), report)
-    info.precision = apply_precision(transformer, settings, report)
+    info.precision = apply_precision(transformer, settings, report, role)
     if settings.fuse_qkv:
         try:
             transformer.fuse_qkv_projections()

@@ -214,7 +214,7 @@ class ModelManager:
         from wan_worker.runtime.loras import prepare_transformer
 
         prepare_transformer(pipe.transformer, self.settings)  # LoRA slots go in before compile
-        self.accel.transformers.append(optimize_transformer(pipe.transformer, self.settings, self.accel))
+        self.accel.transformers.append(optimize_transformer(pipe.transformer, self.settings, self.accel, "transformer"))
         self.accel.vae = optimize_vae(pipe.vae, self.settings, self.accel.compile_errors)
         self._register("transformer", pipe.transformer)
         self._register("vae", pipe.vae)
@@ -291,7 +291,7 @@ class ModelManager:
         from wan_worker.runtime.loras import prepare_transformer
 
         prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
-        self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel))
+        self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel, "vace_transformer"))
         self._register("vace_transformer", transformer)
         self.load_seconds["vace"] = time.perf_counter() - started
         return transformer
@@ -326,7 +326,9 @@ class ModelManager:
         from wan_worker.runtime.loras import prepare_transformer
 
         prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
-        self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel))
+        self.accel.transformers.append(
+            optimize_transformer(transformer, self.settings, self.accel, "turbo_transformer")
+        )
         self._register("turbo_transformer", transformer)
         self.load_seconds["turbo"] = time.perf_counter() - started
         return transformer
