@@ -210,13 +210,10 @@ class ModelManager:
                 dtype={"transformer": torch.bfloat16, "vae": self.vae_dtype, "default": torch.bfloat16},
             )
         pipe.set_progress_bar_config(disable=True)
-        from wan_worker.runtime.accel import optimize_transformer, optimize_vae
-        from wan_worker.runtime.loras import prepare_transformer
+        from wan_worker.runtime.accel import optimize_vae
 
-        prepare_transformer(pipe.transformer, self.settings)  # LoRA slots go in before compile
-        self.accel.transformers.append(optimize_transformer(pipe.transformer, self.settings, self.accel, "transformer"))
+        self._install_transformer("transformer", pipe.transformer)
         self.accel.vae = optimize_vae(pipe.vae, self.settings, self.accel.compile_errors)
-        self._register("transformer", pipe.transformer)
         self._register("vae", pipe.vae)
         self._pipes["t2v_denoise"] = pipe
         self.load_seconds["wan"] = time.perf_counter() - started
@@ -287,12 +284,7 @@ class ModelManager:
                 dtype=torch.bfloat16,
                 **self._load_placement(path / "transformer"),
             )
-        from wan_worker.runtime.accel import optimize_transformer
-        from wan_worker.runtime.loras import prepare_transformer
-
-        prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
-        self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel, "vace_transformer"))
-        self._register("vace_transformer", transformer)
+        self._install_transformer("vace_transformer", transformer)
         self.load_seconds["vace"] = time.perf_counter() - started
         return transformer
 
@@ -322,14 +314,7 @@ class ModelManager:
                 "turbo checkpoint: weights unused by dense attention skipped",
                 extra={"count": len(skipped), "modules": sorted({_module_kind(k) for k in skipped})},
             )
-        from wan_worker.runtime.accel import optimize_transformer
-        from wan_worker.runtime.loras import prepare_transformer
-
-        prepare_transformer(transformer, self.settings)  # LoRA slots go in before compile
-        self.accel.transformers.append(
-            optimize_transformer(transformer, self.settings, self.accel, "turbo_transformer")
-        )
-        self._register("turbo_transformer", transformer)
+        self._install_transformer("turbo_transformer", transformer)
         self.load_seconds["turbo"] = time.perf_counter() - started
         return transformer
 
@@ -439,6 +424,15 @@ class ModelManager:
         return {"device_map": str(self.device)}
 
     # -- residency ----------------------------------------------------------------------------
+
+    def _install_transformer(self, role: str, transformer: torch.nn.Module) -> None:
+        """LoRA slots (before compile), then attention, precision and compile; resident as ``role``."""
+        from wan_worker.runtime.accel import optimize_transformer
+        from wan_worker.runtime.loras import prepare_transformer
+
+        prepare_transformer(transformer, self.settings)
+        self.accel.transformers.append(optimize_transformer(transformer, self.settings, self.accel, role))
+        self._register(role, transformer)
 
     def _register(self, name: str, module: torch.nn.Module) -> None:
         device = next(module.parameters()).device
