@@ -51,6 +51,13 @@ def _fp8_tanh_gelu(t: torch.nn.Module) -> None:
     _fp8_attention(t)
 
 
+def _fp8_max_qk(t: torch.nn.Module) -> None:
+    """Q and K scaled by their maximum over tokens, not by their norms' bound (up to run 32)."""
+    _fp8(t)
+    for module in fp8.self_attention_modules(t):
+        module.processor.bounded_qk = False
+
+
 def _fp8_tensorwise(t: torch.nn.Module) -> None:
     """One scale per tensor instead of per row for the linears."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
@@ -84,6 +91,7 @@ VARIANTS: dict[str, Variant] = {
     # run (later ones find the kernels they share in the cache)
     "fp8_default_inductor": Variant(_fp8),
     "fp8_tanh_gelu": Variant(_fp8_tanh_gelu, options=FP8),
+    "fp8_max_qk": Variant(_fp8_max_qk, options=FP8),
     "fp8_attention_only": Variant(_fp8_attention, options=FP8),
     "fp8_linears_only": Variant(_fp8_linears, options=FP8),
     "fp8_tensorwise": Variant(_fp8_tensorwise, options=FP8),

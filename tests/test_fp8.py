@@ -75,12 +75,95 @@ def test_fp8_attention_matches_bf16_sdpa_and_smoothing_helps():
     assert smoothed_err < rel_err(unsmoothed, exact) / 1.5
 
 
+def normed_qk(seed: int = 0, b: int = 2, s: int = 256, h: int = 3, d: int = 64, key_offset: float = 0.0):
+    """Q and K as a Wan block makes them: an RMSNorm over all heads' channels (random positive
+    weights), then the rotary embedding; V plain. Returns (q, k, v, norm_q, norm_k)."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = [torch.nn.RMSNorm(h * d, eps=1e-6) for _ in range(2)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(torch.rand(h * d, generator=gen) * 2 + 0.1)
+    xq = torch.randn(b, s, h * d, generator=gen)
+    xk = torch.randn(b, s, h * d, generator=gen) + key_offset * torch.randn(1, 1, h * d, generator=gen)
+    angle = (torch.arange(s)[None, :, None, None] * torch.rand(1, 1, 1, d // 2, generator=gen)).repeat_interleave(2, -1)
+    with torch.no_grad():
+        q, k = (
+            fp8._rotate(n(x).unflatten(-1, (h, -1)), angle.cos(), angle.sin())
+            for n, x in zip(norms, (xq, xk), strict=True)
+        )
+    v = torch.randn(b, s, h, d, generator=gen)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16(), *norms
+
+
+def test_rotation_is_diffusers_arithmetic():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    x = torch.randn(2, 16, 3, 8)
+    cos, sin = torch.rand(1, 16, 1, 8), torch.rand(1, 16, 1, 8)
+
+    def strided(x, cos, sin):  # diffusers' ``apply_rotary_emb`` inside ``WanAttnProcessor.__call__``
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = cos[..., 0::2], sin[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = x1 * cos - x2 * sin
+        out[..., 1::2] = x1 * sin + x2 * cos
+        return out.type_as(x)
+
+    assert "apply_rotary_emb" in WanAttnProcessor.__call__.__code__.co_varnames  # still its shape there
+    assert torch.equal(fp8._rotate(x, cos, sin), strided(x, cos, sin))
+
+
+def test_norm_bound_holds_for_any_input_and_is_reached():
+    heads, n = 4, 4 * 32
+    norm = torch.nn.RMSNorm(n, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(n) * 3 + 0.1)
+    bound = fp8.norm_bound(norm, heads)
+    assert bound.shape == (heads,)
+    # the worst inputs put all of a row's energy into one channel, or into one rotated pair
+    one_hot = torch.eye(n) * 7.0
+    pairs = torch.zeros(n // 2, n)
+    pairs[torch.arange(n // 2), torch.arange(0, n, 2)] = pairs[torch.arange(n // 2), torch.arange(1, n, 2)] = 1.0
+    x = torch.cat([one_hot, pairs, torch.randn(512, n) * 50])[None]
+    angle = torch.rand(1, x.shape[1], 1, 16).repeat_interleave(2, -1) * 6.3
+    with torch.no_grad():
+        y = fp8._rotate(norm(x).unflatten(-1, (heads, -1)), angle.cos(), angle.sin())
+    assert bool((y.abs().amax(dim=(0, 1, 3)) <= bound).all())
+    with torch.no_grad():
+        unrotated = norm(one_hot[None]).unflatten(-1, (heads, -1))
+    peak = unrotated.abs().amax(dim=(0, 1, 3))
+    assert bool((peak >= bound / fp8.BOUND_MARGIN * 0.999).all())  # a one-hot row reaches it: no looser
+    with torch.no_grad():
+        norm.weight.mul_(2.0)
+    torch.testing.assert_close(fp8.norm_bound(norm, heads), 2.0 * bound)  # read from the weight at each call
+    assert fp8.norm_bound(torch.nn.LayerNorm(n), heads) is None
+
+
+def test_bounded_scales_are_as_accurate_as_the_maximum():
+    for key_offset in (0.0, 4.0):
+        q, k, v, norm_q, norm_k = normed_qk(seed=2, key_offset=key_offset)
+        exact = attention(q.float(), k.float(), v.float())
+        by_max = rel_err(fp8.reference_fp8_attention(q, k, v), exact)
+        bounds = fp8.norm_bound(norm_q, 3), fp8.norm_bound(norm_k, 3)
+        by_bound = rel_err(fp8.reference_fp8_attention(q, k, v, *bounds), exact)
+        assert by_bound < by_max * 1.05, (key_offset, by_bound, by_max)
+        q8, qd = fp8.quantize_to_bound(q, bounds[0])
+        assert qd.shape == (2, 3) and qd.dtype == torch.float32
+        assert q8.float().abs().max() < fp8.FP8_MAX  # never clipped
+
+
 def reference_flash_attn_func(calls: list):
     """FA3's FP8 contract in plain torch: float8 (B, S, H, D) inputs, float32 (B, H) descales,
     bf16 out. It records what it was given, so the test sees what the processor passes."""
 
     def flash_attn_func(q, k, v, softmax_scale=None, q_descale=None, k_descale=None, v_descale=None):
-        calls.append({"dtypes": {q.dtype, k.dtype, v.dtype}, "descale": (q_descale.dtype, tuple(q_descale.shape))})
+        calls.append(
+            {
+                "dtypes": {q.dtype, k.dtype, v.dtype},
+                "descale": (q_descale.dtype, tuple(q_descale.shape)),
+                "descales": (q_descale, k_descale, v_descale),
+            }
+        )
         qf, kf, vf = (fp8.dequantize(x, d) for x, d in ((q, q_descale), (k, k_descale), (v, v_descale)))
         out = F.scaled_dot_product_attention(
             qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), scale=softmax_scale
@@ -132,6 +215,11 @@ def test_processor_replaces_only_self_attention_and_is_removable():
         quantized = model(**inputs)[0]
     assert len(calls) == 2  # one FP8 call per block: self-attention only
     assert calls[0]["dtypes"] == {torch.float8_e4m3fn} and calls[0]["descale"] == (torch.float32, (1, 2))
+    # Q and K are scaled by their norms' bounds (K's doubled by the smoothing), not by a maximum
+    attn = model.blocks[0].attn1
+    q_descale, k_descale, _ = calls[0]["descales"]
+    torch.testing.assert_close(q_descale[0], fp8.norm_bound(attn.norm_q, attn.heads) / fp8.FP8_MAX)
+    torch.testing.assert_close(k_descale[0], 2.0 * fp8.norm_bound(attn.norm_k, attn.heads) / fp8.FP8_MAX)
     assert torch.isfinite(quantized).all()
     assert rel_err(quantized, before) < 0.05
     assert not torch.equal(quantized, before)

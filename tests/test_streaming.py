@@ -81,6 +81,37 @@ def test_uint8_conversion_rounds_to_nearest():
     assert decoded.chunks[0].reshape(-1).tolist() == [0, 0, 127, 128, 191, 255, 255]
 
 
+class FakeCopy:
+    """Stands in for the CUDA event recorded after a piece's asynchronous copy to the host."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = True
+        self.done = True
+
+
+def test_pieces_are_handed_on_in_order_once_copied_and_all_at_the_end():
+    handed: list[int] = []
+    decoded = DecodedFrames(lambda chunk: handed.append(int(chunk[0, 0, 0, 0])))
+    copies = [FakeCopy() for _ in range(3)]
+    decoded._copying = [(torch.full((1, 1, 1, 3), i, dtype=torch.uint8), c) for i, c in enumerate(copies)]
+    copies[1].done = True
+    decoded._hand_on(wait=False)
+    assert handed == []  # the second piece is on the host, but the first is not: nothing overtakes it
+    copies[0].done = True
+    decoded._hand_on(wait=False)
+    assert handed == [0, 1]  # finished copies pass, in order
+    frames = decoded.frames(torch.zeros(0))
+    assert handed == [0, 1, 2] and copies[2].waited  # the end waits for the last copy
+    assert frames[:, 0, 0, 0].tolist() == [0, 1, 2]
+
+
 def test_a_failed_encoder_surfaces_at_close(tmp_path):
     stream = VideoStream(tmp_path / "0.mp4", 16)
     stream.append(np.zeros((2, 64, 64, 3), np.uint8))

@@ -8,6 +8,14 @@
   score of one query by the same ``q . mean(k)``) and removes the per-channel offset that
   would otherwise set K's scale and waste its few mantissa bits. Cross-attention (512 text
   tokens, a few percent of the time) stays bf16.
+* **Q and K need no run-time maximum.** Both come out of an RMSNorm over all heads' channels
+  (N = 1536), and an RMS-normalized vector has no element above sqrt(N) times the norm's
+  weight; the rotary embedding only rotates pairs of channels, which keeps each pair's length.
+  So ``norm_bound`` gives each head a fixed bound from the norm's weight, and Q and K are
+  scaled by it: no pass over 32,760 tokens for a maximum, and the norm, rotation and
+  quantization fuse into one kernel. A bound looser than the actual maximum costs no
+  precision in a floating-point format as long as values stay in e4m3's normal range, which
+  starts 2^15 below its maximum. V (no norm) keeps its maximum per head.
 * **Linears** of the transformer blocks: torchao's dynamic float8 activations and float8
   weights with one scale per row (``Float8DynamicActivationFloat8WeightConfig(PerRow())``).
 * **The FFN's tanh GELU** is compiled as ``x * sigmoid(2z)``, the same function as
@@ -60,6 +68,35 @@ def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, descale
 
 
+def quantize_to_bound(x: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) -> float8_e4m3fn values and their (B, H) descale, from a per-head bound (H,)
+    on ``|x|`` known in advance: the same contract as ``quantize_per_head``, with no reduction."""
+    descale = (bound.float() / FP8_MAX).expand(x.shape[0], -1).contiguous()
+    x8 = (x.float() / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, descale
+
+
+#: Headroom over ``norm_bound``'s exact bound for the norm's own rounding (bf16: 2^-8).
+BOUND_MARGIN = 1.02
+
+
+def norm_bound(norm: torch.nn.Module, heads: int) -> torch.Tensor | None:
+    """A per-head bound (H,) on ``|rotate(norm(x))|`` for any x, or None when ``norm`` is not an
+    RMSNorm.
+
+    RMSNorm gives ``y_c = x_c / rms(x) * w_c`` with ``rms(x)^2 = sum(x^2) / N``, and no
+    ``x_c^2`` exceeds ``sum(x^2)``, so ``|y_c| <= sqrt(N) |w_c|``; the same holds for the length
+    of a pair of channels, which is all the rotary embedding can move into one channel. Read
+    from the weight at each call, so a changed weight changes the bound.
+    """
+    if not isinstance(norm, torch.nn.RMSNorm):
+        return None
+    n = math.prod(norm.normalized_shape)
+    weight = norm.weight if norm.weight is not None else torch.ones(n)
+    per_head = weight.detach().float().abs().reshape(heads, -1).amax(dim=1)
+    return per_head * (math.sqrt(n) * BOUND_MARGIN)
+
+
 def smooth_keys(k: torch.Tensor) -> torch.Tensor:
     """K minus its mean over tokens (dim 1): softmax(q k^T) is unchanged, K's range shrinks."""
     mean = k.mean(dim=1, keepdim=True, dtype=torch.promote_types(k.dtype, torch.float32))
@@ -67,11 +104,20 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_bound: torch.Tensor | None = None,
+    k_bound: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FA3's FP8 inputs: (q8, k8, v8, q_descale, k_descale, v_descale), K smoothed."""
-    q8, qd = quantize_per_head(q)
-    k8, kd = quantize_per_head(smooth_keys(k))
+    """FA3's FP8 inputs: (q8, k8, v8, q_descale, k_descale, v_descale), K smoothed.
+
+    Q and K are scaled by their per-head bounds when given (``norm_bound``), else by their
+    maximum; smoothing can at most double K's bound (``|k - mean| <= |k| + |mean|``).
+    """
+    q8, qd = quantize_per_head(q) if q_bound is None else quantize_to_bound(q, q_bound)
+    smoothed = smooth_keys(k)
+    k8, kd = quantize_per_head(smoothed) if k_bound is None else quantize_to_bound(smoothed, 2.0 * k_bound)
     v8, vd = quantize_per_head(v)
     return q8, k8, v8, qd, kd, vd
 
@@ -80,18 +126,31 @@ def dequantize(x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
     return x8.float() * descale[:, None, :, None]
 
 
-def reference_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def reference_fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_bound: torch.Tensor | None = None,
+    k_bound: torch.Tensor | None = None,
+) -> torch.Tensor:
     """What FA3 computes from ``quantize_qkv``'s inputs, in plain torch (float32 softmax):
     the yardstick for the quantization itself, on any device."""
-    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v)
+    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v, q_bound, k_bound)
     qf, kf, vf = (dequantize(x, d).transpose(1, 2) for x, d in ((q8, qd), (k8, kd), (v8, vd)))
     out = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf)
     return out.transpose(1, 2).to(torch.bfloat16)
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flash_attn_func: Callable) -> torch.Tensor:
-    """Self-attention of (B, S, H, D) bf16 tensors through FA3's FP8 kernel; bf16 out."""
-    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v)
+def fp8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    flash_attn_func: Callable,
+    q_bound: torch.Tensor | None = None,
+    k_bound: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-attention of (B, S, H, D) tensors through FA3's FP8 kernel; bf16 out."""
+    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v, q_bound, k_bound)
     out = flash_attn_func(q8, k8, v8, softmax_scale=q.shape[-1] ** -0.5, q_descale=qd, k_descale=kd, v_descale=vd)
     return out[0] if isinstance(out, tuple) else out
 
@@ -163,13 +222,12 @@ def probe_linear(device: str) -> str | None:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on interleaved pairs, as diffusers' ``WanAttnProcessor`` applies it."""
+    """Wan's rotary embedding on interleaved pairs, the arithmetic of diffusers'
+    ``WanAttnProcessor``, written as one pointwise expression (no strided writes into an empty
+    tensor) and left in the tables' float32: the quantization that follows fuses into it."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
 class FP8SelfAttnProcessor:
@@ -181,6 +239,9 @@ class FP8SelfAttnProcessor:
 
     _attention_backend = None  # set by ``set_attention_backend``; this processor uses FA3 FP8
     _parallel_config = None
+    #: Scale Q and K by ``norm_bound`` (True) or by their maximum over tokens (False: the
+    #: set-up measured before the bound; kept for the probe's comparison).
+    bounded_qk = True
 
     def __init__(self, flash_attn_func: Callable, original: Any) -> None:
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
@@ -204,8 +265,11 @@ class FP8SelfAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        out = fp8_attention(query, key, value, self.flash_attn_func)
-        out = out.flatten(2, 3).type_as(query)
+        q_bound, k_bound = norm_bound(attn.norm_q, attn.heads), norm_bound(attn.norm_k, attn.heads)
+        if not self.bounded_qk or q_bound is None or k_bound is None:
+            q_bound = k_bound = None
+        out = fp8_attention(query, key, value, self.flash_attn_func, q_bound, k_bound)
+        out = out.flatten(2, 3).type_as(value)
         return attn.to_out[1](attn.to_out[0](out))
 
 

@@ -72,11 +72,11 @@ class Generated:
     timesteps: list[int] | None = None
 
 
-def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """(C, F, H, W) decoder output in [-1, 1] -> (F, H, W, C) uint8 on the host, rounded to
-    nearest. Converting on the GPU copies a quarter of the bytes float32 frames would."""
+def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """(C, F, H, W) decoder output in [-1, 1] -> (F, H, W, C) uint8 on the same device, rounded
+    to nearest. Converting on the GPU copies a quarter of the bytes float32 frames would."""
     scaled = (video.float().clamp(-1.0, 1.0) + 1.0) * 127.5 + 0.5
-    return scaled.to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    return scaled.to(torch.uint8).permute(1, 2, 3, 0)
 
 
 class DecodedFrames:
@@ -84,14 +84,18 @@ class DecodedFrames:
 
     Wan's VAE decodes causally, one latent frame (1, then 4 video frames) per call of its
     decoder. A forward hook on the decoder converts each piece as it comes and hands it to
-    ``sink`` (the MP4 stream), so ffmpeg encodes while the GPU is still decoding. A tiled or
-    patchified VAE decodes pieces that are not whole frames; then the frames come from the
-    pipeline's output at the end, in the same conversion.
+    ``sink`` (the MP4 stream), so ffmpeg encodes while the GPU is still decoding. On a GPU the
+    piece goes to pinned host memory asynchronously and is handed on, in order, once its copy
+    has finished: a synchronous copy would stall the GPU at each piece until the host had
+    queued the next piece's kernels. A tiled or patchified VAE decodes pieces that are not
+    whole frames; then the frames come from the pipeline's output at the end, in the same
+    conversion.
     """
 
     def __init__(self, sink: Callable[[np.ndarray], None] | None) -> None:
         self.sink = sink
         self.chunks: list[np.ndarray] = []
+        self._copying: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
 
     @contextlib.contextmanager
     def hooked(self, vae) -> Iterator[None]:
@@ -105,15 +109,35 @@ class DecodedFrames:
             handle.remove()
 
     def _add(self, video: torch.Tensor) -> None:
-        chunk = to_uint8_frames(video)
-        self.chunks.append(chunk)
-        if self.sink is not None:
-            self.sink(chunk)
+        frames, copied = to_uint8_frames(video), None
+        if frames.is_cuda:
+            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            frames = host
+        self._copying.append((frames, copied))
+        self._hand_on(wait=False)
+
+    def _hand_on(self, wait: bool) -> None:
+        """Pass on, in order, the pieces whose copy to the host has finished (with ``wait``, all)."""
+        while self._copying:
+            frames, copied = self._copying[0]
+            if copied is not None:
+                if not wait and not copied.query():
+                    return
+                copied.synchronize()
+            self._copying.pop(0)
+            chunk = frames.numpy()
+            self.chunks.append(chunk)
+            if self.sink is not None:
+                self.sink(chunk)
 
     def frames(self, output: torch.Tensor) -> np.ndarray:
         """All frames; ``output`` is the pipeline's (F, C, H, W) in [0, 1], used when nothing streamed."""
-        if not self.chunks:
+        if not self.chunks and not self._copying:
             self._add(output.permute(1, 0, 2, 3) * 2.0 - 1.0)
+        self._hand_on(wait=True)
         return np.concatenate(self.chunks)
 
 
