@@ -155,6 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="throughput: back-to-back jobs per job type",
     )
+    p.add_argument(
+        "--precision-jobs", type=int, default=3, help="fp8: benchmark jobs per precision (the median; 1 with --tiny)"
+    )
     p.add_argument("--lora-rank", type=int, default=32, help="lora: rank of the two benchmark LoRAs")
     p.add_argument("--lora-steps", type=int, default=10, help="lora: denoising steps of its video_fast jobs")
     p.add_argument(
