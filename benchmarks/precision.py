@@ -54,7 +54,7 @@ def fp8(ctx: Context) -> dict[str, Any]:
 def child_precision_run(args: argparse.Namespace) -> dict[str, Any]:
     """One worker process at the precision its environment sets: load, warm-up compile (timed),
     a 2-step warm job, the benchmark job end to end ``--precision-jobs`` times (the median; the
-    first job's record and decoded frames, to a file), one transformer forward."""
+    first completed job's record and decoded frames, to a file), one transformer forward."""
     from wan_worker.serving.worker import get_worker
 
     started = now()
@@ -66,19 +66,21 @@ def child_precision_run(args: argparse.Namespace) -> dict[str, Any]:
     out["warm_compile_s"] = r(now() - started, 2)
     out["warmups"] = worker.manager.accel.as_dict().get("warmups")
     out["warm_job"] = warm_job(worker, args.width, args.height, args.frames)  # as the worker section measures
-    jobs = []
+    jobs, done = [], []
     for _ in range(max(1, args.precision_jobs)):
         jobs.append(run_job(worker, bench_job(args.width, args.height, args.frames, args.steps, id="precision")))
         frames = jobs[-1].pop("_frames", None)
-        if frames is not None and len(jobs) == 1:
-            np.save(args.frames_out, np.asarray(frames, dtype=np.float16))
-    out["job"] = jobs[0]
-    done = [job for job in jobs if job.get("total_s") is not None and job.get("status") == "completed"]
+        if jobs[-1].get("status") == "completed" and jobs[-1].get("total_s") is not None:
+            done.append(jobs[-1])
+            if frames is not None and len(done) == 1:
+                np.save(args.frames_out, np.asarray(frames, dtype=np.float16))
+    out["job"] = done[0] if done else jobs[0]
     if done:
         out["end_to_end_runs_s"] = [job["total_s"] for job in done]
         out["end_to_end_s"] = r(float(np.median(out["end_to_end_runs_s"])))
-        out["step_median_s"] = r(float(np.median([job["step_median_s"] for job in done])), 4)
-        out["timings_runs"] = [job["worker_timings"] for job in done[1:]]
+        steps = [job["step_median_s"] for job in done if job.get("step_median_s") is not None]
+        out["step_median_s"] = r(float(np.median(steps)), 4) if steps else None
+        out["timings_runs"] = [job["worker_timings"] for job in done]
     transformer = worker.manager.pipeline("t2v").transformer
     forward = time_forward(transformer, args.frames, args.height, args.width)
     forward.pop("_out", None)

@@ -1,8 +1,9 @@
 """``PRECISION=fp8``: FP8 self-attention (FlashAttention-3) and float8 linears (torchao).
 
 * **Self-attention** (each block's ``attn1``, 70 % of the FLOPs at 480x832x81) runs FA3's FP8
-  kernel. Q, K and V are quantized to ``float8_e4m3fn`` with one scale per (batch, head),
-  from the absolute maximum over tokens and channels; FA3 takes the scales back as float32
+  kernel. Q, K and V are quantized to ``float8_e4m3fn`` with one scale per (batch, head):
+  V's from its absolute maximum over tokens and channels, Q's and K's from a bound (below);
+  FA3 takes the scales back as float32
   ``q_descale/k_descale/v_descale`` of shape (B, H) and returns bf16. K is first **smoothed**:
   its mean over tokens is subtracted. That is exact for softmax attention (it shifts every
   score of one query by the same ``q . mean(k)``) and removes the per-channel offset that
@@ -12,8 +13,8 @@
   (N = 1536), and an RMS-normalized vector has no element above sqrt(N) times the norm's
   weight; the rotary embedding only rotates pairs of channels, which keeps each pair's length.
   So ``norm_bound`` gives each head a fixed bound from the norm's weight, and Q and K are
-  scaled by it: no pass over 32,760 tokens for a maximum, and the norm, rotation and
-  quantization fuse into one kernel. A bound looser than the actual maximum costs no
+  scaled by it: no pass over 32,760 tokens for a maximum, and Q's norm, rotation and
+  quantization fuse into one kernel (K's still need its token mean, for the smoothing). A bound looser than the actual maximum costs no
   precision in a floating-point format as long as values stay in e4m3's normal range, which
   starts 2^15 below its maximum. V (no norm) keeps its maximum per head.
 * **Linears** of the transformer blocks: torchao's dynamic float8 activations and float8
@@ -71,7 +72,7 @@ def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_to_bound(x: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, S, H, D) -> float8_e4m3fn values and their (B, H) descale, from a per-head bound (H,)
     on ``|x|`` known in advance: the same contract as ``quantize_per_head``, with no reduction."""
-    descale = (bound.float() / FP8_MAX).expand(x.shape[0], -1).contiguous()
+    descale = (bound.float().clamp(min=1e-8) / FP8_MAX).expand(x.shape[0], -1).contiguous()
     x8 = (x.float() / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return x8, descale
 
@@ -82,19 +83,17 @@ BOUND_MARGIN = 1.02
 
 def norm_bound(norm: torch.nn.Module, heads: int) -> torch.Tensor | None:
     """A per-head bound (H,) on ``|rotate(norm(x))|`` for any x, or None when ``norm`` is not an
-    RMSNorm.
+    RMSNorm with a weight whose channels split evenly into ``heads``.
 
     RMSNorm gives ``y_c = x_c / rms(x) * w_c`` with ``rms(x)^2 = sum(x^2) / N``, and no
     ``x_c^2`` exceeds ``sum(x^2)``, so ``|y_c| <= sqrt(N) |w_c|``; the same holds for the length
     of a pair of channels, which is all the rotary embedding can move into one channel. Read
     from the weight at each call, so a changed weight changes the bound.
     """
-    if not isinstance(norm, torch.nn.RMSNorm):
+    if not isinstance(norm, torch.nn.RMSNorm) or norm.weight is None or norm.weight.numel() % heads:
         return None
-    n = math.prod(norm.normalized_shape)
-    weight = norm.weight if norm.weight is not None else torch.ones(n)
-    per_head = weight.detach().float().abs().reshape(heads, -1).amax(dim=1)
-    return per_head * (math.sqrt(n) * BOUND_MARGIN)
+    per_head = norm.weight.detach().float().abs().reshape(heads, -1).amax(dim=1)
+    return per_head * (math.sqrt(norm.weight.numel()) * BOUND_MARGIN)
 
 
 def smooth_keys(k: torch.Tensor) -> torch.Tensor:

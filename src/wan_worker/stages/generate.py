@@ -114,7 +114,7 @@ class DecodedFrames:
             host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(frames, non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record()
+            copied.record(torch.cuda.current_stream(frames.device))  # the stream the copy went on
             frames = host
         self._copying.append((frames, copied))
         self._hand_on(wait=False)
@@ -126,7 +126,7 @@ class DecodedFrames:
             if copied is not None:
                 if not wait and not copied.query():
                     return
-                copied.synchronize()
+                copied.synchronize()  # returns at once after a query() that said done
             self._copying.pop(0)
             chunk = frames.numpy()
             self.chunks.append(chunk)
