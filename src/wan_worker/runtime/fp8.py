@@ -14,9 +14,10 @@
   weight; the rotary embedding only rotates pairs of channels, which keeps each pair's length.
   So ``norm_bound`` gives each head a fixed bound from the norm's weight, and Q and K are
   scaled by it: no pass over 32,760 tokens for a maximum, and Q's norm, rotation and
-  quantization fuse into one kernel (K's still need its token mean, for the smoothing). A bound looser than the actual maximum costs no
-  precision in a floating-point format as long as values stay in e4m3's normal range, which
-  starts 2^15 below its maximum. V (no norm) keeps its maximum per head.
+  quantization fuse into one kernel (K still needs its token mean, for the smoothing). A
+  bound looser than the actual maximum costs no precision in a floating-point format as long
+  as values stay in e4m3's normal range, which starts 2^15 below its maximum. V (no norm)
+  keeps its maximum per head.
 * **Linears** of the transformer blocks: torchao's dynamic float8 activations and float8
   weights with one scale per row (``Float8DynamicActivationFloat8WeightConfig(PerRow())``).
 * **The FFN's tanh GELU** is compiled as ``x * sigmoid(2z)``, the same function as
