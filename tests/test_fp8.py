@@ -155,7 +155,7 @@ def test_bounded_scales_are_as_accurate_as_the_maximum():
         exact = attention(q.float(), k.float(), v.float())
         by_max = rel_err(fp8.reference_fp8_attention(q, k, v), exact)
         bounds = fp8.norm_bound(norm_q, 3), fp8.norm_bound(norm_k, 3)
-        by_bound = rel_err(fp8.reference_fp8_attention(q, k, v, *bounds), exact)
+        by_bound = rel_err(fp8.reference_fp8_attention(q, k, v, bounds), exact)
         assert by_bound < by_max * 1.05, (key_offset, by_bound, by_max)
         q8, qd = fp8.quantize_to_bound(q, bounds[0])
         assert qd.shape == (2, 3) and qd.dtype == torch.float32

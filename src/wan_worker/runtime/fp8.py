@@ -97,6 +97,16 @@ def norm_bound(norm: torch.nn.Module, heads: int) -> torch.Tensor | None:
     return per_head * (math.sqrt(norm.weight.numel()) * BOUND_MARGIN)
 
 
+#: Per-head bounds on |Q| and |K| (``qk_bounds``), or None: scale by the maximum instead.
+QKBounds = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def qk_bounds(attn: torch.nn.Module) -> QKBounds:
+    """``norm_bound`` of an attention module's Q and K norms, or None unless both have one."""
+    q_bound, k_bound = norm_bound(attn.norm_q, attn.heads), norm_bound(attn.norm_k, attn.heads)
+    return None if q_bound is None or k_bound is None else (q_bound, k_bound)
+
+
 def smooth_keys(k: torch.Tensor) -> torch.Tensor:
     """K minus its mean over tokens (dim 1): softmax(q k^T) is unchanged, K's range shrinks."""
     mean = k.mean(dim=1, keepdim=True, dtype=torch.promote_types(k.dtype, torch.float32))
@@ -104,20 +114,18 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_qkv(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_bound: torch.Tensor | None = None,
-    k_bound: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: QKBounds = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FA3's FP8 inputs: (q8, k8, v8, q_descale, k_descale, v_descale), K smoothed.
 
-    Q and K are scaled by their per-head bounds when given (``norm_bound``), else by their
-    maximum; smoothing can at most double K's bound (``|k - mean| <= |k| + |mean|``).
+    Q and K are scaled by their per-head ``bounds`` when given, else by their maximum;
+    smoothing can at most double K's bound (``|k - mean| <= |k| + |mean|``).
     """
-    q8, qd = quantize_per_head(q) if q_bound is None else quantize_to_bound(q, q_bound)
     smoothed = smooth_keys(k)
-    k8, kd = quantize_per_head(smoothed) if k_bound is None else quantize_to_bound(smoothed, 2.0 * k_bound)
+    if bounds is None:
+        (q8, qd), (k8, kd) = quantize_per_head(q), quantize_per_head(smoothed)
+    else:
+        (q8, qd), (k8, kd) = quantize_to_bound(q, bounds[0]), quantize_to_bound(smoothed, 2.0 * bounds[1])
     v8, vd = quantize_per_head(v)
     return q8, k8, v8, qd, kd, vd
 
@@ -126,31 +134,20 @@ def dequantize(x8: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
     return x8.float() * descale[:, None, :, None]
 
 
-def reference_fp8_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_bound: torch.Tensor | None = None,
-    k_bound: torch.Tensor | None = None,
-) -> torch.Tensor:
+def reference_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: QKBounds = None) -> torch.Tensor:
     """What FA3 computes from ``quantize_qkv``'s inputs, in plain torch (float32 softmax):
     the yardstick for the quantization itself, on any device."""
-    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v, q_bound, k_bound)
+    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v, bounds)
     qf, kf, vf = (dequantize(x, d).transpose(1, 2) for x, d in ((q8, qd), (k8, kd), (v8, vd)))
     out = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf)
     return out.transpose(1, 2).to(torch.bfloat16)
 
 
 def fp8_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    flash_attn_func: Callable,
-    q_bound: torch.Tensor | None = None,
-    k_bound: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flash_attn_func: Callable, bounds: QKBounds = None
 ) -> torch.Tensor:
     """Self-attention of (B, S, H, D) tensors through FA3's FP8 kernel; bf16 out."""
-    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v, q_bound, k_bound)
+    q8, k8, v8, qd, kd, vd = quantize_qkv(q, k, v, bounds)
     out = flash_attn_func(q8, k8, v8, softmax_scale=q.shape[-1] ** -0.5, q_descale=qd, k_descale=kd, v_descale=vd)
     return out[0] if isinstance(out, tuple) else out
 
@@ -265,10 +262,8 @@ class FP8SelfAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        q_bound, k_bound = norm_bound(attn.norm_q, attn.heads), norm_bound(attn.norm_k, attn.heads)
-        if not self.bounded_qk or q_bound is None or k_bound is None:
-            q_bound = k_bound = None
-        out = fp8_attention(query, key, value, self.flash_attn_func, q_bound, k_bound)
+        bounds = qk_bounds(attn) if self.bounded_qk else None
+        out = fp8_attention(query, key, value, self.flash_attn_func, bounds)
         out = out.flatten(2, 3).type_as(value)
         return attn.to_out[1](attn.to_out[0](out))
 
