@@ -311,6 +311,73 @@ def test_fp8_set_up_swaps_the_gelus_and_says_so(tiny_models, monkeypatch):
     assert roles == ["transformer", "turbo_transformer", "vace_transformer"]
 
 
+def test_gelu_quant_rows_reference_is_the_gelu_quantized_per_row():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 8960, generator=gen) * torch.logspace(-2, 2, 64)[:, None]).bfloat16()
+    x[3] = 0  # an all-zero row stays finite
+    q, descale = fp8.gelu_quant_rows_reference(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert descale.dtype == torch.float32 and descale.shape == (64, 1)
+    gelu = F.gelu(x.float(), approximate="tanh")
+    rows = [i for i in range(64) if i != 3]
+    # each row's largest magnitude maps to the top of e4m3's range
+    assert torch.equal(q[rows].float().abs().amax(dim=1), torch.full((63,), fp8.FP8_MAX))
+    assert torch.allclose(descale[rows, 0], gelu[rows].abs().amax(dim=1) / fp8.FP8_MAX)
+    assert rel_err(q.float() * descale, gelu) < 0.04  # e4m3: 3 mantissa bits
+    assert torch.isfinite(descale).all() and not q[3].float().any()
+
+
+def float8_per_row(linear: torch.nn.Linear) -> None:
+    """What torchao's per-row float8 conversion leaves on a linear (GPU only): the weight in
+    float8_e4m3fn (``qdata``, out x in) and one float32 descale per output row (``scale``)."""
+    w = linear.weight.detach().float()
+    scale = w.abs().amax(dim=1, keepdim=True) / fp8.FP8_MAX
+    linear.weight.qdata = (w / scale).to(torch.float8_e4m3fn)
+    linear.weight.scale = scale
+
+
+def test_fused_ffn_is_the_float8_ffn_and_steps_aside_for_lora_slots():
+    from diffusers import WanVACETransformer3DModel
+
+    model, inputs = small_wan()
+    with torch.inference_mode():
+        before = model(**inputs)[0]
+        assert fp8.fuse_gelu_into_float8_ffns(model) == 0  # bf16 FFNs: nothing to fuse
+        for block in model.blocks:
+            float8_per_row(block.ffn.net[2])
+        assert fp8.fuse_gelu_into_float8_ffns(model) == 2
+        assert fp8.fuse_gelu_into_float8_ffns(model) == 0  # idempotent
+        ffn = model.blocks[0].ffn
+        hidden = torch.randn(1, 8, ffn.net[0].proj.in_features)
+        up = ffn.net[0].proj(hidden).float()
+        w = ffn.net[2].weight.qdata.float() * ffn.net[2].weight.scale
+        expected = F.gelu(up, approximate="tanh") @ w.t() + ffn.net[2].bias.float()
+        out = ffn(hidden)
+        assert out.dtype == hidden.dtype and out.shape == (1, 8, ffn.net[2].out_features)
+        assert rel_err(out, expected) < 0.05
+        assert rel_err(model(**inputs)[0], before) < 0.05  # the whole transformer, two float8 FFNs
+    _, compiled = traced(ffn, hidden)  # dynamo follows the hook: one graph, no break
+    torch.testing.assert_close(compiled, out)
+    with torch.inference_mode():
+        # LoRA slots wrap the down projection (peft): the FFN runs its original forward again
+        class Wrapped(torch.nn.Module):
+            def __init__(self, base: torch.nn.Linear) -> None:
+                super().__init__()
+                self.base_layer = base
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.base_layer(x) * 2
+
+        ffn.net[2] = Wrapped(ffn.net[2])
+        torch.testing.assert_close(ffn(hidden), ffn.net[2](ffn.net[1](ffn.net[0](hidden))))
+
+    vace = WanVACETransformer3DModel(**{**model.config, "vace_layers": [0], "vace_in_channels": 8})
+    for module in vace.modules():
+        if type(module).__name__ == "FeedForward":
+            float8_per_row(module.net[2])
+    assert fp8.fuse_gelu_into_float8_ffns(vace) == 3  # two blocks and one VACE block
+
+
 def fake_torchao(monkeypatch) -> list:
     """``torchao.quantization`` as far as ``fp8.py`` uses it (its float8 needs a GPU): the configs it is given."""
     configs: list = []

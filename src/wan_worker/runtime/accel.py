@@ -330,6 +330,7 @@ def apply_precision(
     try:
         linears = fp8.quantize_block_linears(transformer)
         gelus = fp8.use_sigmoid_gelu(transformer)
+        ffns = fp8.fuse_gelu_into_float8_ffns(transformer)
         attention = fp8.enable_fp8_attention(transformer, fp8.fa3_flash_attn_func())
     except Exception as exc:  # noqa: BLE001 - FP8 is an optimisation: fall back as far as possible
         fp8.disable_fp8_attention(transformer)
@@ -347,6 +348,7 @@ def apply_precision(
         "fp8_self_attention": attention,
         "float8_linears": linears,
         "sigmoid_gelu": gelus,
+        "fused_gelu_ffns": ffns,
         "seconds": round(time.perf_counter() - started, 2),
     }
     return "fp8"

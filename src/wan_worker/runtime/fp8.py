@@ -34,6 +34,7 @@ caller (``accel.apply_precision``) then runs bf16 and says so.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import sys
@@ -324,7 +325,7 @@ def float8_linear_count(transformer: torch.nn.Module) -> int:
 
 
 #: tanh-GELU's coefficient of z, sqrt(2 / pi), doubled for the sigmoid form
-_GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
+GELU_2C = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +338,7 @@ def sigmoid_gelu(x: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling():
         return F.gelu(x, approximate="tanh")
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return (xf * torch.sigmoid(_GELU_2C * xf * (1.0 + 0.044715 * xf * xf))).to(x.dtype)
+    return (xf * torch.sigmoid(GELU_2C * xf * (1.0 + 0.044715 * xf * xf))).to(x.dtype)
 
 
 def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
@@ -350,4 +351,110 @@ def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
         if swap and vars(module).get("gelu") is not sigmoid_gelu:
             module.gelu = sigmoid_gelu
             count += 1
+    return count
+
+
+# -- the FFN: GELU and its quantization in one pass ------------------------------------------------
+
+#: The least row maximum a GELU row is scaled by, so an all-zero row stays finite.
+ROW_AMAX_FLOOR = 1e-12
+
+
+def gelu_quant_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) -> float8_e4m3fn tanh-GELU(x) and its float32 descale of shape (rows, 1).
+
+    ``GELU(x) ~= q.float() * descale``; each row's absolute maximum maps to 448, as torchao's
+    per-row activation scaling does. The contract of the Triton kernel in ``fp8_kernels``.
+    """
+    g = F.gelu(x.float(), approximate="tanh")
+    amax = g.abs().amax(dim=-1, keepdim=True).clamp(min=ROW_AMAX_FLOOR)
+    q = (g * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, amax / FP8_MAX
+
+
+def gelu_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gelu_quant_rows_reference``'s result; on a GPU from one Triton kernel that reads each row once."""
+    if x.is_cuda:
+        from wan_worker.runtime.fp8_kernels import gelu_quant_rows as kernel
+
+        return kernel(x)
+    return gelu_quant_rows_reference(x)
+
+
+def rowwise_scaled_mm(
+    q: torch.Tensor, descale: torch.Tensor, w8: torch.Tensor, w_descale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``(q * descale) @ (w8 * w_descale.T).T + bias`` in bf16: (M, K) fp8 rows with (M, 1)
+    descales times an (N, K) fp8 weight with (1, N) descales, as torchao's per-row linears
+    call ``torch._scaled_mm``. Off the GPU, the same product dequantized."""
+    if q.is_cuda:
+        return torch._scaled_mm(
+            q, w8.t(), scale_a=descale, scale_b=w_descale, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
+    out = (q.float() * descale) @ (w8.float() * w_descale.t()).t()
+    return (out if bias is None else out + bias.float()).to(torch.bfloat16)
+
+
+def _fusable_ffn(module: torch.nn.Module, fqn: str) -> bool:
+    """A blocks' diffusers ``FeedForward``: tanh GELU, dropouts of 0, and a float8 down projection
+    whose weight torchao quantized per row (``qdata``, ``scale``)."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
+
+    if not isinstance(module, FeedForward) or fqn.split(".", 1)[0] not in BLOCK_PREFIXES:
+        return False
+    gelu, *dropouts, down = module.net
+    return (
+        isinstance(gelu, GELU)
+        and gelu.approximate == "tanh"
+        and all(isinstance(d, torch.nn.Dropout) and d.p == 0 for d in dropouts)
+        and type(down) is torch.nn.Linear
+        and hasattr(down.weight, "qdata")
+        and getattr(down.weight, "scale", None) is not None
+        and down.weight.scale.numel() == down.out_features
+    )
+
+
+@functools.cache
+def _fused_ffn_hook() -> type:
+    """The hook class, built on first use so importing this module does not import diffusers."""
+    from diffusers.hooks import ModelHook
+
+    class FusedGeluFloat8FFN(ModelHook):
+        """The FFN as ``up (float8) -> GELU + per-row quantization (one kernel) -> down (float8)``.
+
+        torchao's down projection would quantize the GELU's bf16 output itself, in a kernel
+        that reads each 8960-wide row twice and evaluates the GELU on both reads; here the
+        GELU's output goes to float8 from registers. The down projection's float8 weight and
+        scales are torchao's own tensors (no copy). If LoRA slots later wrap the down
+        projection, the FFN runs its original forward again.
+        """
+
+        def __init__(self, w8: torch.Tensor, w_descale: torch.Tensor) -> None:
+            super().__init__()
+            self.w8, self.w_descale = w8, w_descale
+
+        def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            up, down = module.net[0].proj, module.net[-1]
+            if type(down) is not torch.nn.Linear:
+                return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+            h = up(hidden_states)
+            q, descale = gelu_quant_rows(h.reshape(-1, h.shape[-1]))
+            out = rowwise_scaled_mm(q, descale, self.w8, self.w_descale, down.bias)
+            return out.reshape(*h.shape[:-1], out.shape[-1]).to(h.dtype)
+
+    return FusedGeluFloat8FFN
+
+
+def fuse_gelu_into_float8_ffns(transformer: torch.nn.Module) -> int:
+    """Give every float8 FFN of the blocks the fused GELU + quantization (idempotent; after
+    ``quantize_block_linears``); the number changed."""
+    from wan_worker.runtime import patches
+
+    count = 0
+    for fqn, module in transformer.named_modules():
+        if _fusable_ffn(module, fqn):
+            weight = module.net[-1].weight
+            make = functools.partial(_fused_ffn_hook(), weight.qdata, weight.scale.float().reshape(1, -1))
+            count += patches.add_hook(module, patches.FUSED_GELU_FFN, make)
     return count
