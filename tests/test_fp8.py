@@ -336,6 +336,25 @@ def float8_per_row(linear: torch.nn.Linear) -> None:
     linear.weight.scale = scale
 
 
+def block_graphs(model: torch.nn.Module) -> int:
+    """The graphs dynamo builds when each block's forward is compiled as ``accel.compile_blocks``
+    does it (eager backend): one unless something differs between blocks."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for block in model.blocks:
+        compiled = torch.compile(block.forward, backend="eager", fullgraph=True, dynamic=False)
+        block.forward = compiled
+    try:
+        with torch.inference_mode():
+            model(**small_wan()[1])
+    finally:
+        for block in model.blocks:
+            del block.forward
+    return counters["stats"]["unique_graphs"]
+
+
 def test_fused_ffn_is_the_float8_ffn_and_steps_aside_for_lora_slots():
     from diffusers import WanVACETransformer3DModel
 
@@ -356,8 +375,9 @@ def test_fused_ffn_is_the_float8_ffn_and_steps_aside_for_lora_slots():
         assert out.dtype == hidden.dtype and out.shape == (1, 8, ffn.net[2].out_features)
         assert rel_err(out, expected) < 0.05
         assert rel_err(model(**inputs)[0], before) < 0.05  # the whole transformer, two float8 FFNs
-    _, compiled = traced(ffn, hidden)  # dynamo follows the hook: one graph, no break
+    _, compiled = traced(ffn, hidden)  # dynamo traces the fused forward without a break
     torch.testing.assert_close(compiled, out)
+    assert block_graphs(model) == 1  # the blocks' compiled forwards share one graph, as unfused
     with torch.inference_mode():
         # LoRA slots wrap the down projection (peft): the FFN runs its original forward again
         class Wrapped(torch.nn.Module):

@@ -401,7 +401,7 @@ def _fusable_ffn(module: torch.nn.Module, fqn: str) -> bool:
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
 
-    if not isinstance(module, FeedForward) or fqn.split(".", 1)[0] not in BLOCK_PREFIXES:
+    if type(module) is not FeedForward or fqn.split(".", 1)[0] not in BLOCK_PREFIXES:
         return False
     gelu, *dropouts, down = module.net
     return (
@@ -416,45 +416,46 @@ def _fusable_ffn(module: torch.nn.Module, fqn: str) -> bool:
 
 
 @functools.cache
-def _fused_ffn_hook() -> type:
-    """The hook class, built on first use so importing this module does not import diffusers."""
-    from diffusers.hooks import ModelHook
+def fused_ffn_class() -> type:
+    """The FFN class with the fused GELU, built on first use so importing this module does not
+    import diffusers."""
+    from diffusers.models.attention import FeedForward
 
-    class FusedGeluFloat8FFN(ModelHook):
+    class FusedGeluFloat8FeedForward(FeedForward):
         """The FFN as ``up (float8) -> GELU + per-row quantization (one kernel) -> down (float8)``.
 
         torchao's down projection would quantize the GELU's bf16 output itself, in a kernel
         that reads each 8960-wide row twice and evaluates the GELU on both reads; here the
         GELU's output goes to float8 from registers. The down projection's float8 weight and
-        scales are torchao's own tensors (no copy). If LoRA slots later wrap the down
-        projection, the FFN runs its original forward again.
+        descales are torchao's own tensors (no copy), held as buffers so that every block's
+        compiled forward is one graph. If LoRA slots later wrap the down projection, the FFN
+        runs diffusers' forward again.
         """
 
-        def __init__(self, w8: torch.Tensor, w_descale: torch.Tensor) -> None:
-            super().__init__()
-            self.w8, self.w_descale = w8, w_descale
+        float8_down_weight: torch.Tensor
+        float8_down_descale: torch.Tensor
 
-        def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            up, down = module.net[0].proj, module.net[-1]
+        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            up, down = self.net[0].proj, self.net[-1]
             if type(down) is not torch.nn.Linear:
-                return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+                return super().forward(hidden_states, *args, **kwargs)
             h = up(hidden_states)
             q, descale = gelu_quant_rows(h.reshape(-1, h.shape[-1]))
-            out = rowwise_scaled_mm(q, descale, self.w8, self.w_descale, down.bias)
+            out = rowwise_scaled_mm(q, descale, self.float8_down_weight, self.float8_down_descale, down.bias)
             return out.reshape(*h.shape[:-1], out.shape[-1]).to(h.dtype)
 
-    return FusedGeluFloat8FFN
+    return FusedGeluFloat8FeedForward
 
 
 def fuse_gelu_into_float8_ffns(transformer: torch.nn.Module) -> int:
-    """Give every float8 FFN of the blocks the fused GELU + quantization (idempotent; after
-    ``quantize_block_linears``); the number changed."""
-    from wan_worker.runtime import patches
-
+    """Make every float8 FFN of the blocks a ``fused_ffn_class()`` (idempotent; after
+    ``quantize_block_linears``); the number changed. Module names and state dicts are unchanged."""
     count = 0
     for fqn, module in transformer.named_modules():
         if _fusable_ffn(module, fqn):
             weight = module.net[-1].weight
-            make = functools.partial(_fused_ffn_hook(), weight.qdata, weight.scale.float().reshape(1, -1))
-            count += patches.add_hook(module, patches.FUSED_GELU_FFN, make)
+            module.register_buffer("float8_down_weight", weight.qdata, persistent=False)
+            module.register_buffer("float8_down_descale", weight.scale.float().reshape(1, -1), persistent=False)
+            module.__class__ = fused_ffn_class()
+            count += 1
     return count

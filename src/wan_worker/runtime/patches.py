@@ -37,7 +37,6 @@ VERIFIED = {"diffusers": "0.42.1", "transformers": "5.17.0"}
 COMPILED_FORWARD = "wan_compiled_forward"
 FUSED_NORM_SILU = "wan_fused_norm_silu"
 SILU_FUSED_AWAY = "wan_silu_fused_into_norm"
-FUSED_GELU_FFN = "wan_fused_gelu_float8_ffn"
 
 _skipped: set[str] = set()
 
@@ -169,15 +168,6 @@ def _registry(module: torch.nn.Module):
 def has_hook(module: torch.nn.Module, name: str) -> bool:
     registry = getattr(module, "_diffusers_hook", None)
     return registry is not None and registry.get_hook(name) is not None
-
-
-def add_hook(module: torch.nn.Module, name: str, make_hook: Callable[[], Any]) -> bool:
-    """Register ``make_hook()`` on ``module`` as ``name``; False when it has one already, or this
-    diffusers is not the verified one."""
-    if has_hook(module, name) or not _allowed(name, "diffusers"):
-        return False
-    _registry(module).register_hook(make_hook(), name)
-    return True
 
 
 def compile_forward(module: torch.nn.Module, make: Callable[[Callable], Callable]) -> bool:
