@@ -144,7 +144,7 @@ VARIANTS: dict[str, Variant] = {
 
 def _family(name: str) -> str:
     n = name.lower()
-    if n.startswith("triton"):
+    if n.startswith(("triton", "_gelu_quant")):
         return "triton (fused elementwise, reductions, quantization)"
     if "flash" in n or "fmha" in n:
         return "attention"
