@@ -512,6 +512,23 @@ def test_attention_probe_accepts_the_contract_and_names_a_failure():
     assert "disagrees" in fp8.probe_attention(wrong_scale, "cpu")
 
 
+def test_gelu_quant_probe_accepts_the_contract_and_names_a_failure(monkeypatch):
+    assert fp8.probe_gelu_quant("cpu") is None
+
+    def doubled(x):  # a kernel whose descales are off by 2
+        q, descale = fp8.gelu_quant_rows_reference(x)
+        return q, descale * 2
+
+    monkeypatch.setattr(fp8, "gelu_quant_rows", doubled)
+    assert "disagrees" in fp8.probe_gelu_quant("cpu")
+
+    def broken(x):
+        raise RuntimeError("PassManager::run failed")  # a Triton that can't build the kernel
+
+    monkeypatch.setattr(fp8, "gelu_quant_rows", broken)
+    assert "PassManager::run failed" in fp8.probe_gelu_quant("cpu")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_compile_artifacts_are_skipped_without_cuda(tmp_path, tiny_models, precision):
     settings = tiny_settings(tiny_models, precision=precision, compile_cache_dir=tmp_path)

@@ -20,10 +20,14 @@
   keeps its maximum per head.
 * **Linears** of the transformer blocks: torchao's dynamic float8 activations and float8
   weights with one scale per row (``Float8DynamicActivationFloat8WeightConfig(PerRow())``).
-* **The FFN's tanh GELU** is compiled as ``x * sigmoid(2z)``, the same function as
-  ``0.5 x (1 + tanh(z))``. Its output is quantized per row, so the compiled kernel evaluates
-  the GELU twice per element (once for the row's maximum, once to scale it); with libdevice's
-  ``tanh`` that kernel was compute-bound, while ``sigmoid`` lowers to the fast ``exp``.
+* **The FFN's tanh GELU** and the per-row float8 quantization of its output run as one
+  Triton kernel (``fp8_kernels.gelu_quant_rows``, ``fuse_gelu_into_float8_ffns``) that reads
+  each 8960-wide row once, evaluates the GELU once per element as ``x * sigmoid(2z)`` (the
+  same function as ``0.5 x (1 + tanh(z))``, with the fast ``exp``) and quantizes it from
+  registers; the float8 down projection then takes it as is. Inductor's kernel for the same
+  work read each row twice and evaluated the GELU on both reads: 0.57 against 0.31 ms a
+  layer. Where the fused FFN does not apply (LoRA slots on the down projection), the GELU
+  is still compiled in the sigmoid form (``use_sigmoid_gelu``).
 
 The attention runs through ``FP8SelfAttnProcessor``, set with diffusers' own
 ``set_processor`` on the ``attn1`` modules only; ``disable_fp8_attention`` puts the
@@ -184,7 +188,7 @@ def unavailable_reason() -> str | None:
         importlib.import_module("torchao.quantization")
     except Exception as exc:  # noqa: BLE001 - absent, or built for another torch
         return f"torchao is not usable: {type(exc).__name__}: {str(exc)[:160]}"
-    return probe_attention(fa3_flash_attn_func(), "cuda") or probe_linear("cuda")
+    return probe_attention(fa3_flash_attn_func(), "cuda") or probe_linear("cuda") or probe_gelu_quant("cuda")
 
 
 def probe_attention(flash_attn_func: Callable, device: str) -> str | None:
@@ -214,6 +218,23 @@ def probe_linear(device: str) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure means: not here
         return f"torchao float8 linears failed here: {type(exc).__name__}: {str(exc)[:160]}"
     return None
+
+
+def probe_gelu_quant(device: str) -> str | None:
+    """The fused FFN's kernel on a few rows against ``gelu_quant_rows_reference``: a Triton that
+    can't build it here is found at load time, not inside the warm-up or a job."""
+    try:
+        x = torch.randn(64, 8960, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+        q, descale = gelu_quant_rows(x)
+        ref_q, ref_descale = gelu_quant_rows_reference(x)
+        err = float((q.float() * descale - ref_q.float() * ref_descale).norm() / (ref_q.float() * ref_descale).norm())
+    except Exception as exc:  # noqa: BLE001 - any failure means: not here
+        return f"the fused GELU + float8 kernel failed here: {type(exc).__name__}: {str(exc)[:160]}"
+    return (
+        None
+        if err < 0.01
+        else f"the fused GELU + float8 kernel disagrees with its reference here (relative error {err:.3f})"
+    )
 
 
 # -- the transformer -------------------------------------------------------------------------------
