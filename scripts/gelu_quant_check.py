@@ -1,5 +1,6 @@
-"""The fused FFN kernel alone (GPU only): ``fp8_kernels.gelu_quant_rows`` against its reference
-and against inductor's kernel for the same work, at the job's FFN shape (32,760 x 8,960).
+"""The fused FFN kernel alone (GPU only): ``fp8.gelu_quant_rows`` (the Triton kernel), called
+eagerly and from a compiled graph, against its reference and against inductor's kernel for
+the same work, at the job's FFN shape (32,760 x 8,960).
 
 usage (from the repository root): bash scripts/device_bench.sh --script scripts/gelu_quant_check.py
 (or PYTHONPATH=.:src python scripts/gelu_quant_check.py)
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from wan_worker.runtime import fp8, fp8_kernels
+from wan_worker.runtime import fp8
 
 
 def gpu_ms(fn: Callable[[], object], reps: int = 50) -> float:
@@ -41,7 +42,9 @@ def main() -> None:
     x = (torch.randn(32760, 8960, device="cuda") * 2).bfloat16()
     exact = F.gelu(x.float(), approximate="tanh")
     result: dict[str, float] = {}
-    for name, fn in (("kernel", fp8_kernels.gelu_quant_rows), ("reference", fp8.gelu_quant_rows_reference)):
+    compiled_op = torch.compile(fp8.gelu_quant_rows, fullgraph=True)  # as the blocks' graphs call it
+    kernels = [("kernel", fp8.gelu_quant_rows), ("compiled", compiled_op), ("reference", fp8.gelu_quant_rows_reference)]
+    for name, fn in kernels:
         q, descale = fn(x)
         result[f"{name}_rel_err_vs_exact_gelu"] = float((q.float() * descale - exact).norm() / exact.norm())
         result[f"{name}_descale_sum"] = float(descale.double().sum())
@@ -49,7 +52,8 @@ def main() -> None:
     started = time.perf_counter()
     compiled(x)
     result["inductor_compile_s"] = round(time.perf_counter() - started, 1)
-    result["kernel_ms"] = gpu_ms(lambda: fp8_kernels.gelu_quant_rows(x))
+    result["kernel_ms"] = gpu_ms(lambda: fp8.gelu_quant_rows(x))
+    result["compiled_kernel_ms"] = gpu_ms(lambda: compiled_op(x))
     result["inductor_ms"] = gpu_ms(lambda: compiled(x))
     print(json.dumps(result, indent=1))
 

@@ -398,7 +398,7 @@ def gelu_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.is_cuda:
         from wan_worker.runtime.fp8_kernels import gelu_quant_rows as kernel
 
-        return kernel(x)
+        return kernel(x, FP8_MAX, GELU_2C, ROW_AMAX_FLOOR)
     return gelu_quant_rows_reference(x)
 
 
