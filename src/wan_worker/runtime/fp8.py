@@ -225,9 +225,8 @@ def probe_gelu_quant(device: str) -> str | None:
     can't build it here is found at load time, not inside the warm-up or a job."""
     try:
         x = torch.randn(64, 8960, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
-        q, descale = gelu_quant_rows(x)
-        ref_q, ref_descale = gelu_quant_rows_reference(x)
-        err = float((q.float() * descale - ref_q.float() * ref_descale).norm() / (ref_q.float() * ref_descale).norm())
+        out, ref = (q.float() * descale for q, descale in (gelu_quant_rows(x), gelu_quant_rows_reference(x)))
+        err = float((out - ref).norm() / ref.norm())
     except Exception as exc:  # noqa: BLE001 - any failure means: not here
         return f"the fused GELU + float8 kernel failed here: {type(exc).__name__}: {str(exc)[:160]}"
     return (
